@@ -1,0 +1,341 @@
+/*
+ * mcmi_cpu.c: CPU kernels of the MCMI loss (C11, OpenMP).
+ *
+ * Rows are split across threads; every per-row and per-class reduction runs
+ * in a fixed order inside one thread, so results are bitwise identical for
+ * any thread count.
+ */
+#include "mcmi.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "mcmi_dtype.h"
+
+/* Byte offsets of the workspace regions of mcmi_cpu_loss. */
+typedef struct {
+  size_t row_val;    /* double[rows] */
+  size_t row_qsum;   /* double[rows] */
+  size_t scratch;    /* ACC_T[threads][3][cols], with a gradient only */
+  size_t class_map;  /* int64[classes], in-batch centroids only */
+  size_t slot;       /* int64[rows], in-batch centroids only */
+  size_t slot_count; /* int64[min(rows, classes)], in-batch only */
+  size_t batch_q;    /* ACC_T[min(rows, classes)][cols], in-batch only */
+  size_t total;
+} loss_layout;
+
+static size_t align64(size_t n) { return (n + 63u) & ~(size_t)63u; }
+
+static size_t acc_size(mcmi_dtype dtype) {
+  return dtype == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
+}
+
+/* Fewer threads for small problems: forking costs more than it saves. */
+static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
+  const int64_t per_thread = 16384;
+  int64_t useful = (rows * cols + per_thread - 1) / per_thread;
+  if (useful < 1) {
+    useful = 1;
+  }
+  if (num_threads < 1) {
+    num_threads = 1;
+  }
+  return useful < num_threads ? (int)useful : num_threads;
+}
+
+static loss_layout make_loss_layout(const mcmi_problem *p, int nt,
+                                    int with_grad) {
+  const size_t rows = (size_t)p->rows, cols = (size_t)p->cols;
+  const size_t acc = acc_size(p->dtype);
+  const size_t nslots = (size_t)(p->rows < p->classes ? p->rows : p->classes);
+  loss_layout l;
+  size_t at = 0;
+  l.row_val = at;
+  at = align64(at + rows * sizeof(double));
+  l.row_qsum = at;
+  at = align64(at + rows * sizeof(double));
+  l.scratch = at;
+  if (with_grad) {
+    at = align64(at + (size_t)nt * 3u * cols * acc);
+  }
+  l.class_map = l.slot = l.slot_count = l.batch_q = at;
+  if (p->centroids == NULL) {
+    l.class_map = at;
+    at = align64(at + (size_t)p->classes * sizeof(int64_t));
+    l.slot = at;
+    at = align64(at + rows * sizeof(int64_t));
+    l.slot_count = at;
+    at = align64(at + nslots * sizeof(int64_t));
+    l.batch_q = at;
+    at = align64(at + nslots * cols * acc);
+  }
+  l.total = at;
+  return l;
+}
+
+/*
+ * Gives each class present among the valid rows a compact slot, in order of
+ * first appearance; slot[i] = -1 for ignored rows. Returns the slot count.
+ */
+static int64_t assign_slots(const mcmi_problem *p, int64_t *map, int64_t *slot,
+                            int64_t *count) {
+  int64_t nslots = 0;
+  for (int64_t c = 0; c < p->classes; ++c) {
+    map[c] = -1;
+  }
+  for (int64_t i = 0; i < p->rows; ++i) {
+    const int64_t y = p->target[i * p->target_stride];
+    if (y == p->ignore_index || y < 0 || y >= p->classes) {
+      slot[i] = -1;
+      continue;
+    }
+    if (map[y] < 0) {
+      map[y] = nslots;
+      count[nslots] = 0;
+      ++nslots;
+    }
+    slot[i] = map[y];
+    ++count[map[y]];
+  }
+  return nslots;
+}
+
+#define SFX f32
+#define LOGIT_T float
+#define ACC_T float
+#define LOAD(x) (x)
+#define STORE(x) (x)
+#define EXP expf
+#define LOG logf
+#include "mcmi_cpu_impl.h"
+#undef SFX
+#undef LOGIT_T
+#undef LOAD
+#undef STORE
+
+#define SFX bf16
+#define LOGIT_T uint16_t
+#define LOAD(x) mcmi_bf16_load(x)
+#define STORE(x) mcmi_bf16_store(x)
+#include "mcmi_cpu_impl.h"
+#undef SFX
+#undef LOGIT_T
+#undef LOAD
+#undef STORE
+
+#define SFX f16
+#define LOGIT_T uint16_t
+#define LOAD(x) mcmi_f16_load(x)
+#define STORE(x) mcmi_f16_store(x)
+#include "mcmi_cpu_impl.h"
+#undef SFX
+#undef LOGIT_T
+#undef ACC_T
+#undef LOAD
+#undef STORE
+#undef EXP
+#undef LOG
+
+#define SFX f64
+#define LOGIT_T double
+#define ACC_T double
+#define LOAD(x) (x)
+#define STORE(x) (x)
+#define EXP exp
+#define LOG log
+#include "mcmi_cpu_impl.h"
+#undef SFX
+#undef LOGIT_T
+#undef ACC_T
+#undef LOAD
+#undef STORE
+#undef EXP
+#undef LOG
+
+mcmi_status mcmi_check_targets(const int64_t *target, int64_t stride,
+                               int64_t rows, int64_t classes,
+                               int64_t ignore_index, int64_t *valid,
+                               int64_t *bad_index) {
+  if (rows < 0 || classes < 1 || (rows > 0 && target == NULL)) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  int64_t n = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t y = target[i * stride];
+    if (y == ignore_index) {
+      continue;
+    }
+    if (y < 0 || y >= classes) {
+      if (bad_index) {
+        *bad_index = i;
+      }
+      return MCMI_ERROR_TARGET;
+    }
+    ++n;
+  }
+  if (valid) {
+    *valid = n;
+  }
+  return MCMI_OK;
+}
+
+static int problem_ok(const mcmi_problem *p) {
+  if (p == NULL || p->rows < 0 || p->cols < 1 || p->classes < 1 ||
+      !(p->temperature > 0.0) || p->dtype < MCMI_FLOAT32 ||
+      p->dtype > MCMI_FLOAT16) {
+    return 0;
+  }
+  /* The cross-entropy term reads z[i, y_i]: labels must index the logits. */
+  if (p->ce_weight != 0.0 && p->classes > p->cols) {
+    return 0;
+  }
+  return p->rows == 0 || (p->logits != NULL && p->target != NULL);
+}
+
+size_t mcmi_cpu_loss_workspace(const mcmi_problem *p, int num_threads,
+                               int with_grad) {
+  if (!problem_ok(p)) {
+    return 0;
+  }
+  const int nt = effective_threads(num_threads, p->rows, p->cols);
+  return make_loss_layout(p, nt, with_grad).total;
+}
+
+mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
+                          int64_t loss_stride, void *grad, int64_t grad_stride,
+                          void *workspace, int num_threads,
+                          int64_t *bad_index) {
+  if (!problem_ok(p) || loss == NULL || p->reduction < MCMI_REDUCTION_NONE ||
+      p->reduction > MCMI_REDUCTION_SUM) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  int64_t valid = 0, bad = -1;
+  mcmi_status st =
+      mcmi_check_targets(p->target, p->target_stride, p->rows, p->classes,
+                         p->ignore_index, &valid, &bad);
+  if (st != MCMI_OK) {
+    if (bad_index) {
+      *bad_index = bad;
+    }
+    return st;
+  }
+  const int nt = effective_threads(num_threads, p->rows, p->cols);
+  const loss_layout lay = make_loss_layout(p, nt, grad != NULL);
+  if (lay.total > 0 && workspace == NULL) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  char *ws = (char *)workspace;
+  switch (p->dtype) {
+  case MCMI_FLOAT32:
+    st = loss_f32(p, &lay, valid, loss, loss_stride, (float *)grad, grad_stride,
+                  ws, nt, &bad);
+    break;
+  case MCMI_FLOAT64:
+    st = loss_f64(p, &lay, valid, loss, loss_stride, (double *)grad,
+                  grad_stride, ws, nt, &bad);
+    break;
+  case MCMI_BFLOAT16:
+    st = loss_bf16(p, &lay, valid, loss, loss_stride, (uint16_t *)grad,
+                   grad_stride, ws, nt, &bad);
+    break;
+  case MCMI_FLOAT16:
+    st = loss_f16(p, &lay, valid, loss, loss_stride, (uint16_t *)grad,
+                  grad_stride, ws, nt, &bad);
+    break;
+  }
+  if (st != MCMI_OK && bad_index) {
+    *bad_index = bad;
+  }
+  return st;
+}
+
+size_t mcmi_cpu_class_sums_workspace(const mcmi_problem *p) {
+  if (!problem_ok(p)) {
+    return 0;
+  }
+  return align64((size_t)p->rows * sizeof(int64_t)) +
+         2u * align64((size_t)p->rows * sizeof(double));
+}
+
+mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
+                                void *sums, int64_t sums_stride,
+                                int64_t *counts, void *workspace,
+                                int num_threads, int64_t *bad_index) {
+  if (!problem_ok(p) || sums == NULL || counts == NULL ||
+      (p->rows > 0 && workspace == NULL)) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  mcmi_status st =
+      mcmi_check_targets(p->target, p->target_stride, p->rows, p->classes,
+                         p->ignore_index, NULL, bad_index);
+  if (st != MCMI_OK) {
+    return st;
+  }
+  char *ws = (char *)workspace;
+  int64_t *slot = (int64_t *)ws;
+  const size_t slot_bytes = align64((size_t)p->rows * sizeof(int64_t));
+  const size_t stat_bytes = align64((size_t)p->rows * sizeof(double));
+  double *row_m = (double *)(ws + slot_bytes);
+  double *row_ls = (double *)(ws + slot_bytes + stat_bytes);
+  for (int64_t c = 0; c < p->classes; ++c) {
+    counts[c] = 0;
+  }
+  for (int64_t i = 0; i < p->rows; ++i) {
+    const int64_t y = p->target[i * p->target_stride];
+    slot[i] = y == p->ignore_index ? -1 : y;
+    if (slot[i] >= 0) {
+      ++counts[y];
+    }
+  }
+  const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
+  const int nt = effective_threads(num_threads, extent, p->cols);
+  switch (p->dtype) {
+  case MCMI_FLOAT32:
+    class_accumulate_f32(p, slot, p->classes, (float *)sums, sums_stride, row_m,
+                         row_ls, log_probs, nt);
+    break;
+  case MCMI_FLOAT64:
+    class_accumulate_f64(p, slot, p->classes, (double *)sums, sums_stride,
+                         row_m, row_ls, log_probs, nt);
+    break;
+  case MCMI_BFLOAT16:
+    class_accumulate_bf16(p, slot, p->classes, (float *)sums, sums_stride,
+                          row_m, row_ls, log_probs, nt);
+    break;
+  case MCMI_FLOAT16:
+    class_accumulate_f16(p, slot, p->classes, (float *)sums, sums_stride, row_m,
+                         row_ls, log_probs, nt);
+    break;
+  }
+  return MCMI_OK;
+}
+
+mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
+                                int64_t cols, int64_t stride, const void *scale,
+                                int64_t scale_stride, int num_threads) {
+  if (rows < 0 || cols < 0 || (rows > 0 && cols > 0 && (!x || !scale))) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  const int nt = effective_threads(num_threads, rows, cols);
+  switch (dtype) {
+  case MCMI_FLOAT32:
+    scale_rows_f32((float *)x, rows, cols, stride, (const float *)scale,
+                   scale_stride, nt);
+    return MCMI_OK;
+  case MCMI_FLOAT64:
+    scale_rows_f64((double *)x, rows, cols, stride, (const double *)scale,
+                   scale_stride, nt);
+    return MCMI_OK;
+  case MCMI_BFLOAT16:
+    scale_rows_bf16((uint16_t *)x, rows, cols, stride, (const uint16_t *)scale,
+                    scale_stride, nt);
+    return MCMI_OK;
+  case MCMI_FLOAT16:
+    scale_rows_f16((uint16_t *)x, rows, cols, stride, (const uint16_t *)scale,
+                   scale_stride, nt);
+    return MCMI_OK;
+  }
+  return MCMI_ERROR_ARGUMENT;
+}

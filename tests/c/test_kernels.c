@@ -1,0 +1,417 @@
+/*
+ * test_kernels.c: the C kernels against an independent double-precision
+ * reference, without torch. Built and run under AddressSanitizer and
+ * UndefinedBehaviorSanitizer by `make -C tests/c` (see its Makefile).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mcmi.h"
+#include "mcmi_dtype.h"
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond, ...)                                                       \
+  do {                                                                         \
+    ++checks;                                                                  \
+    if (!(cond)) {                                                             \
+      ++failures;                                                              \
+      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                     \
+      fprintf(stderr, __VA_ARGS__);                                            \
+      fputc('\n', stderr);                                                     \
+    }                                                                          \
+  } while (0)
+
+/* xorshift64*: reproducible inputs without libc's rand state. */
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static double uniform(void) {
+  rng_state ^= rng_state >> 12;
+  rng_state ^= rng_state << 25;
+  rng_state ^= rng_state >> 27;
+  return (double)((rng_state * 2685821657736338717ull) >> 11) * 0x1.0p-53;
+}
+static double normal(void) {
+  double u = uniform() + 1e-300, v = uniform();
+  return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+
+typedef struct {
+  int64_t rows, cols, classes;
+  double *z;  /* [rows][cols] */
+  int64_t *y; /* [rows] */
+  double *q;  /* [classes][cols], rows sum to 1 */
+} case_t;
+
+static case_t make_case(int64_t rows, int64_t cols, int64_t classes,
+                        double scale) {
+  case_t c = {rows, cols, classes, NULL, NULL, NULL};
+  c.z = malloc(sizeof(double) * (size_t)(rows * cols + 1));
+  c.y = malloc(sizeof(int64_t) * (size_t)(rows + 1));
+  c.q = malloc(sizeof(double) * (size_t)(classes * cols));
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    c.z[i] = scale * normal();
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    c.y[i] = (int64_t)(uniform() * (double)classes);
+    if (uniform() < 0.1) {
+      c.y[i] = -100;
+    }
+  }
+  for (int64_t k = 0; k < classes; ++k) {
+    double s = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      c.q[k * cols + j] = exp(normal());
+      s += c.q[k * cols + j];
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      c.q[k * cols + j] /= s;
+    }
+  }
+  return c;
+}
+
+static void free_case(case_t *c) {
+  free(c->z);
+  free(c->y);
+  free(c->q);
+}
+
+/* Reference: the loss of the SPEC, written directly from the definitions. */
+static double ref_loss(const case_t *c, int batch, double t, double wce,
+                       double wcmi, int reduction, double *rows_out) {
+  const int64_t n = c->rows, m = c->cols, k = c->classes;
+  double *p = malloc(sizeof(double) * (size_t)(n * m + 1));
+  double *qb = calloc((size_t)(k * m + 1), sizeof(double));
+  int64_t *cnt = calloc((size_t)k + 1, sizeof(int64_t));
+  int64_t valid = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double mx = -INFINITY, s = 0.0;
+    for (int64_t j = 0; j < m; ++j) {
+      mx = fmax(mx, c->z[i * m + j] / t);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      s += exp(c->z[i * m + j] / t - mx);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      p[i * m + j] = exp(c->z[i * m + j] / t - mx) / s;
+    }
+    if (c->y[i] >= 0) {
+      ++valid;
+      ++cnt[c->y[i]];
+      for (int64_t j = 0; j < m; ++j) {
+        qb[c->y[i] * m + j] += p[i * m + j];
+      }
+    }
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double row = 0.0;
+    if (c->y[i] >= 0) {
+      const int64_t y = c->y[i];
+      double kl = 0.0, mx = -INFINITY, s = 0.0;
+      for (int64_t j = 0; j < m; ++j) {
+        double q = batch ? qb[y * m + j] / (double)cnt[y] : c->q[y * m + j];
+        kl += p[i * m + j] * (log(p[i * m + j]) - log(fmax(q, 1e-12)));
+        mx = fmax(mx, c->z[i * m + j]);
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        s += exp(c->z[i * m + j] - mx);
+      }
+      row = wcmi * kl +
+            (wce != 0.0 ? wce * (mx + log(s) - c->z[i * m + y]) : 0.0);
+    }
+    if (rows_out) {
+      rows_out[i] = row;
+    }
+    total += row;
+  }
+  free(p);
+  free(qb);
+  free(cnt);
+  if (reduction == MCMI_REDUCTION_MEAN) {
+    return valid ? total / (double)valid : 0.0;
+  }
+  return total;
+}
+
+static mcmi_problem problem_f64(const case_t *c, int batch, double t,
+                                double wce, double wcmi, int reduction) {
+  mcmi_problem p;
+  memset(&p, 0, sizeof p);
+  p.rows = c->rows;
+  p.cols = c->cols;
+  p.classes = c->classes;
+  p.dtype = MCMI_FLOAT64;
+  p.logits = c->z;
+  p.logits_stride = c->cols;
+  p.target = c->y;
+  p.target_stride = 1;
+  p.centroids = batch ? NULL : c->q;
+  p.centroids_stride = c->cols;
+  p.temperature = t;
+  p.ce_weight = wce;
+  p.cmi_weight = wcmi;
+  p.floor = 1e-12;
+  p.ignore_index = -100;
+  p.reduction = (mcmi_reduction)reduction;
+  return p;
+}
+
+static mcmi_status run_loss(const mcmi_problem *p, void *loss, void *grad,
+                            int threads, int64_t *bad) {
+  size_t bytes = mcmi_cpu_loss_workspace(p, threads, grad != NULL);
+  void *ws = aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+  mcmi_status st = mcmi_cpu_loss(p, loss, 1, grad, p->cols, ws, threads, bad);
+  free(ws);
+  return st;
+}
+
+static double rel_err(double a, double b) {
+  return fabs(a - b) / fmax(fabs(b), 1e-8);
+}
+
+/* float64 values and gradients against the reference (central differences
+ * of the reference give the gradient). */
+static void test_f64(void) {
+  const int64_t shapes[][3] = {{1, 1, 1},   {5, 3, 3}, {17, 10, 4},
+                               {9, 33, 33}, {0, 4, 4}, {40, 7, 12}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; ++s) {
+    for (int batch = 0; batch < 2; ++batch) {
+      for (int red = 0; red < 3; ++red) {
+        const double t = (s % 2) ? 2.0 : 1.0;
+        int64_t classes = batch ? shapes[s][1] : shapes[s][2];
+        /* CE needs labels < C; shapes with K > C test the CMI term alone. */
+        const double wce = (red == 1 && classes <= shapes[s][1]) ? 1.0 : 0.0;
+        const double wcmi = -0.7;
+        case_t c = make_case(shapes[s][0], shapes[s][1], classes, 2.0);
+        mcmi_problem p = problem_f64(&c, batch, t, wce, wcmi, red);
+        const int64_t n = c.rows, m = c.cols;
+        double *loss = calloc((size_t)n + 1, sizeof(double));
+        double *grad = calloc((size_t)(n * m) + 1, sizeof(double));
+        double *rows = calloc((size_t)n + 1, sizeof(double));
+        int64_t bad = -1;
+        mcmi_status st = run_loss(&p, loss, grad, 2, &bad);
+        CHECK(st == MCMI_OK, "status %d", (int)st);
+        const double want = ref_loss(&c, batch, t, wce, wcmi, red, rows);
+        if (red == MCMI_REDUCTION_NONE) {
+          for (int64_t i = 0; i < n; ++i) {
+            CHECK(rel_err(loss[i], rows[i]) < 1e-10 ||
+                      fabs(loss[i] - rows[i]) < 1e-12,
+                  "row %lld: %g vs %g", (long long)i, loss[i], rows[i]);
+          }
+        } else {
+          CHECK(rel_err(loss[0], want) < 1e-10 || fabs(loss[0] - want) < 1e-12,
+                "loss %g vs %g (shape %zu batch %d red %d)", loss[0], want, s,
+                batch, red);
+        }
+        /* d(sum of outputs)/dz by central differences of the reference. */
+        for (int64_t e = 0; e < n * m; e += 1 + (n * m) / 23) {
+          const double h = 1e-6, z0 = c.z[e];
+          c.z[e] = z0 + h;
+          double up = ref_loss(&c, batch, t, wce, wcmi, red, NULL);
+          c.z[e] = z0 - h;
+          double dn = ref_loss(&c, batch, t, wce, wcmi, red, NULL);
+          c.z[e] = z0;
+          const double fd = (up - dn) / (2 * h);
+          /* For NONE the kernel's rows are d(row_i)/dz_i; the in-batch path
+           * through other rows is handled by the Python layer. */
+          if (red != MCMI_REDUCTION_NONE || !batch) {
+            CHECK(fabs(grad[e] - fd) < 1e-6,
+                  "grad[%lld] %g vs %g (shape %zu batch %d red %d)",
+                  (long long)e, grad[e], fd, s, batch, red);
+          }
+        }
+        free(loss);
+        free(grad);
+        free(rows);
+        free_case(&c);
+      }
+    }
+  }
+}
+
+/* float32 against the float64 reference, and thread-count independence. */
+static void test_f32_and_threads(void) {
+  case_t c = make_case(301, 257, 257, 3.0);
+  const int64_t n = c.rows, m = c.cols;
+  float *z = malloc(sizeof(float) * (size_t)(n * m));
+  float *q = malloc(sizeof(float) * (size_t)(m * m));
+  for (int64_t i = 0; i < n * m; ++i) {
+    z[i] = (float)c.z[i];
+    c.z[i] = z[i];
+  }
+  for (int64_t i = 0; i < m * m; ++i) {
+    q[i] = (float)c.q[i];
+    c.q[i] = q[i];
+  }
+  for (int batch = 0; batch < 2; ++batch) {
+    mcmi_problem p = problem_f64(&c, batch, 1.5, 1.0, -0.5, 1);
+    p.dtype = MCMI_FLOAT32;
+    p.logits = z;
+    p.centroids = batch ? NULL : q;
+    float loss1 = 0, loss2 = 0;
+    float *g1 = malloc(sizeof(float) * (size_t)(n * m));
+    float *g2 = malloc(sizeof(float) * (size_t)(n * m));
+    int64_t bad;
+    CHECK(run_loss(&p, &loss1, g1, 1, &bad) == MCMI_OK, "f32 1 thread");
+    CHECK(run_loss(&p, &loss2, g2, 2, &bad) == MCMI_OK, "f32 2 threads");
+    CHECK(memcmp(&loss1, &loss2, sizeof loss1) == 0 &&
+              memcmp(g1, g2, sizeof(float) * (size_t)(n * m)) == 0,
+          "results differ between 1 and 2 threads (batch %d)", batch);
+    double want = ref_loss(&c, batch, 1.5, 1.0, -0.5, 1, NULL);
+    CHECK(rel_err(loss1, want) < 1e-5, "f32 loss %g vs %g", (double)loss1,
+          want);
+    free(g1);
+    free(g2);
+  }
+  free(z);
+  free(q);
+  free_case(&c);
+}
+
+static void test_errors(void) {
+  case_t c = make_case(6, 4, 3, 1.0);
+  double loss[8], grad[32];
+  int64_t bad = -1;
+  mcmi_problem p = problem_f64(&c, 0, 1.0, 0.0, 1.0, 1);
+
+  c.y[4] = 3; /* == classes */
+  CHECK(run_loss(&p, loss, grad, 1, &bad) == MCMI_ERROR_TARGET && bad == 4,
+        "label == classes not reported (bad=%lld)", (long long)bad);
+  c.y[4] = -7;
+  CHECK(run_loss(&p, loss, grad, 1, &bad) == MCMI_ERROR_TARGET && bad == 4,
+        "negative label not reported");
+  c.y[4] = INT64_MAX;
+  CHECK(run_loss(&p, loss, NULL, 2, &bad) == MCMI_ERROR_TARGET,
+        "huge label not reported");
+  c.y[4] = 1;
+  for (int64_t i = 0; i < c.rows; ++i) {
+    c.y[i] = 1;
+  }
+  c.q[1 * 4 + 2] += 0.5; /* class 1 sums to 1.5 */
+  CHECK(run_loss(&p, loss, grad, 1, &bad) == MCMI_ERROR_CENTROIDS && bad == 1,
+        "bad centroid row not reported");
+  c.q[1 * 4 + 2] = NAN;
+  CHECK(run_loss(&p, loss, grad, 1, &bad) == MCMI_ERROR_CENTROIDS,
+        "NaN centroid row not reported");
+
+  mcmi_problem q = p;
+  q.temperature = 0.0;
+  CHECK(mcmi_cpu_loss(&q, loss, 1, NULL, 4, grad, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "T = 0 accepted");
+  q = p;
+  q.logits = NULL;
+  CHECK(mcmi_cpu_loss(&q, loss, 1, NULL, 4, grad, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "NULL logits accepted");
+  q = p;
+  q.ce_weight = 1.0;
+  q.classes = 5; /* > cols: z[i, y] could be read out of bounds */
+  CHECK(mcmi_cpu_loss(&q, loss, 1, NULL, 4, grad, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "CE with K > C accepted");
+  q = p;
+  q.reduction = (mcmi_reduction)7;
+  CHECK(mcmi_cpu_loss(&q, loss, 1, NULL, 4, grad, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "unknown reduction accepted");
+  free_case(&c);
+}
+
+static void test_nan_logits(void) {
+  case_t c = make_case(3, 5, 5, 1.0);
+  c.y[0] = c.y[1] = c.y[2] = 2;
+  c.z[1 * 5 + 3] = NAN;
+  mcmi_problem p = problem_f64(&c, 0, 1.0, 1.0, -0.3, 0);
+  double loss[3], grad[15];
+  int64_t bad;
+  CHECK(run_loss(&p, loss, grad, 1, &bad) == MCMI_OK, "NaN logits: status");
+  CHECK(isnan(loss[1]) && !isnan(loss[0]) && !isnan(loss[2]),
+        "NaN must stay in its row");
+  free_case(&c);
+}
+
+static void test_class_sums(void) {
+  case_t c = make_case(50, 9, 4, 2.0);
+  mcmi_problem p = problem_f64(&c, 1, 0.5, 0.0, 0.0, 1);
+  double sums[36], sums2[36];
+  int64_t counts[4], counts2[4], bad;
+  for (int log_probs = 0; log_probs < 2; ++log_probs) {
+    void *ws =
+        aligned_alloc(64, (mcmi_cpu_class_sums_workspace(&p) + 127) / 64 * 64);
+    CHECK(mcmi_cpu_class_sums(&p, log_probs, sums, 9, counts, ws, 1, &bad) ==
+              MCMI_OK,
+          "class sums status");
+    CHECK(mcmi_cpu_class_sums(&p, log_probs, sums2, 9, counts2, ws, 3, &bad) ==
+              MCMI_OK,
+          "class sums status (3 threads)");
+    CHECK(memcmp(sums, sums2, sizeof sums) == 0, "class sums thread-dependent");
+    free(ws);
+    for (int64_t k = 0; k < 4; ++k) {
+      int64_t cnt = 0;
+      for (int64_t j = 0; j < 9; ++j) {
+        double want = 0.0;
+        for (int64_t i = 0; i < 50; ++i) {
+          if (c.y[i] != k) {
+            continue;
+          }
+          double mx = -INFINITY, s = 0.0;
+          for (int64_t l = 0; l < 9; ++l) {
+            mx = fmax(mx, c.z[i * 9 + l] / 0.5);
+          }
+          for (int64_t l = 0; l < 9; ++l) {
+            s += exp(c.z[i * 9 + l] / 0.5 - mx);
+          }
+          const double lp = c.z[i * 9 + j] / 0.5 - mx - log(s);
+          want += log_probs ? lp : exp(lp);
+          cnt += j == 0;
+        }
+        CHECK(fabs(sums[k * 9 + j] - want) < 1e-10, "sum[%lld][%lld]",
+              (long long)k, (long long)j);
+      }
+      CHECK(counts[k] == cnt, "count[%lld] %lld vs %lld", (long long)k,
+            (long long)counts[k], (long long)cnt);
+    }
+  }
+  free_case(&c);
+}
+
+static void test_half_formats(void) {
+  int bad16 = 0, badbf = 0;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = mcmi_f16_load((uint16_t)h);
+    const int is_nan = ((h & 0x7C00u) == 0x7C00u) && (h & 0x03FFu);
+    if (is_nan ? !isnan(f) : mcmi_f16_store(f) != h) {
+      ++bad16;
+    }
+    const float g = mcmi_bf16_load((uint16_t)h);
+    if (isnan(g) ? !isnan(mcmi_bf16_load(mcmi_bf16_store(g)))
+                 : mcmi_bf16_store(g) != h) {
+      ++badbf;
+    }
+  }
+  CHECK(bad16 == 0, "%d float16 values do not round-trip", bad16);
+  CHECK(badbf == 0, "%d bfloat16 values do not round-trip", badbf);
+  /* Rounding to nearest even, overflow to infinity, underflow to zero. */
+  CHECK(mcmi_f16_store(1.0f + 0x1.0p-11f) == 0x3C00u, "f16 ties to even");
+  CHECK(mcmi_f16_store(1.0f + 0x1.8p-11f) == 0x3C01u, "f16 rounds up");
+  CHECK(mcmi_f16_store(70000.0f) == 0x7C00u, "f16 overflow");
+  CHECK(mcmi_f16_store(1e-9f) == 0x0000u, "f16 underflow");
+  CHECK(mcmi_bf16_store(1.0f + 0x1.0p-8f) == 0x3F80u, "bf16 ties to even");
+}
+
+int main(void) {
+  test_f64();
+  test_f32_and_threads();
+  test_errors();
+  test_nan_logits();
+  test_class_sums();
+  test_half_formats();
+  printf("%d passed, %d failed\n", checks - failures, failures);
+  return failures ? 1 : 0;
+}
