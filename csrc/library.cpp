@@ -1,0 +1,18 @@
+// library.cpp: the schemas of the mcmi ops (implementations are registered
+// per device by ops_cpu.cpp and, in CUDA builds, ops_cuda.cpp).
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(mcmi, m) {
+  // CE/CMI loss and, when with_grad, d(loss)/d(logits) for a unit upstream
+  // gradient. centroids None selects in-batch centroids.
+  m.def("loss(Tensor logits, Tensor target, Tensor? centroids, "
+        "int num_classes, float temperature, float ce_weight, "
+        "float cmi_weight, float floor, int ignore_index, int reduction, "
+        "bool with_grad) -> (Tensor, Tensor)");
+  // Backward of loss: grad *= scale, row by row (scale is 0-D or [B]).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+  // Per-class sums of softmax (or log-softmax) rows and per-class counts.
+  m.def("class_sums(Tensor logits, Tensor target, int num_classes, "
+        "float temperature, int ignore_index, bool log_probs) "
+        "-> (Tensor, Tensor)");
+}

@@ -1,0 +1,86 @@
+"""Build of mcmi_torch: C11 kernels + a stable-ABI C++ shim, as one abi3 module.
+
+Build without isolation, against the torch you run:
+    pip install --no-build-isolation .
+Environment:
+    FORCE_CUDA=1          build the CUDA kernels even if torch reports no GPU
+    MCMI_DEBUG=1          -O0 -g
+"""
+
+import os
+import sysconfig
+
+from setuptools import find_packages, setup
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
+except ImportError as exc:  # pragma: no cover - build-time guidance only
+    raise SystemExit(
+        "mcmi-torch compiles against the torch you run: install torch first, "
+        "then `pip install --no-build-isolation .`"
+    ) from exc
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+# The stable-ABI floor: an extension built here loads on every torch >= 2.10.
+TORCH_TARGET = "0x020a000000000000"
+PY_LIMITED = "0x03090000"
+DEBUG = os.environ.get("MCMI_DEBUG", "0") == "1"
+OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
+WARN = ["-Wall", "-Wextra"]
+
+C_SOURCES = [os.path.join(CSRC, "mcmi_cpu.c"), os.path.join(CSRC, "module.c")]
+C_FLAGS = ["-std=c11", "-fPIC", "-fopenmp", "-fno-math-errno", *OPT, *WARN]
+# torch's headers are system headers to us: their warnings are not ours.
+TORCH_INCLUDES = [f"-isystem{d}" for d in include_paths()]
+CXX_FLAGS = [
+    "-std=c++17",
+    "-fvisibility=hidden",
+    f"-DTORCH_TARGET_VERSION={TORCH_TARGET}",
+    *TORCH_INCLUDES,
+    *OPT,
+    *WARN,
+]
+
+
+class BuildExt(BuildExtension):
+    """Compiles the .c sources of each extension as C (torch's own build step
+    would compile them as C++), then lets torch build and link the rest."""
+
+    def build_extensions(self):
+        # torch patches self.compiler inside super().build_extensions(); until
+        # then it is the plain C compiler of this Python.
+        cc = self.compiler
+        for ext in self.extensions:
+            c_sources = [s for s in ext.sources if s.endswith(".c")]
+            ext.sources = [s for s in ext.sources if not s.endswith(".c")]
+            objects = cc.compile(
+                c_sources,
+                output_dir=self.build_temp,
+                include_dirs=[CSRC, sysconfig.get_paths()["include"]],
+                macros=[("Py_LIMITED_API", PY_LIMITED)],
+                extra_postargs=C_FLAGS,
+            )
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extensions()
+
+
+def extensions():
+    return [
+        CppExtension(
+            "mcmi_torch._C",
+            [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops_cpu.cpp")],
+            include_dirs=[os.path.join(ROOT, CSRC)],
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=["mcmi_torch", "mcmi_torch.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=False)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
