@@ -1,0 +1,223 @@
+"""Registration of the ``torch.ops.mcmi`` ops with autograd and torch.compile,
+and the one internal entry point the public API goes through.
+
+The forward op computes the loss and, when a gradient will be needed, the
+gradient for a unit upstream gradient in the same pass over the logits. The
+first backward scales that saved gradient in place (or not at all when the
+upstream gradient is exactly 1 on the CPU) and hands it on, so forward +
+backward hold a single logits-sized buffer. A later backward through the same
+graph (``retain_graph=True``) recomputes the gradient from the saved inputs,
+so every backward gives the same result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the kernels and registers the ops)
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+#: Centroid entries are clamped from below to this value before the log, so
+#: that ``log Q`` stays finite (see docs/math.md).
+CENTROID_FLOOR = 1e-12
+
+
+@torch.library.register_fake("mcmi::loss")
+def _loss_fake(
+    logits,
+    target,
+    centroids,
+    num_classes,
+    temperature,
+    ce_weight,
+    cmi_weight,
+    floor,
+    ignore_index,
+    reduction,
+    with_grad,
+):
+    rows, cols = logits.shape
+    loss = logits.new_empty((rows,) if reduction == REDUCTIONS["none"] else ())
+    grad = logits.new_empty((rows, cols) if with_grad else (0,))
+    return loss, grad
+
+
+@torch.library.register_fake("mcmi::scale_grad_")
+def _scale_grad_fake(grad, scale):
+    return None
+
+
+@torch.library.register_fake("mcmi::class_sums")
+def _class_sums_fake(logits, target, num_classes, temperature, ignore_index, log_probs):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    sums = logits.new_empty((num_classes, logits.shape[1]), dtype=dtype)
+    counts = logits.new_empty((num_classes,), dtype=torch.int64)
+    return sums, counts
+
+
+def _loss_setup_context(ctx, inputs, output):
+    logits, target, centroids, *args = inputs
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.args = args
+    ctx.unit_grad_used = False
+    # Centroids are only read again if a second backward recomputes the
+    # gradient; held without autograd's version check because 'ema' updates
+    # them in place within the step (checked in _recompute instead).
+    ctx.centroids = centroids
+    ctx.centroids_version = centroids._version if centroids is not None else 0
+    ctx.save_for_backward(grad, logits, target)
+
+
+def _batch_centroid_path(logits, target, weight, args):
+    """Gradient that flows through in-batch centroids when the per-row
+    upstream weights differ within a class (zero when they are equal)."""
+    num_classes, temperature, _, cmi_weight, floor, ignore_index, _, _ = args
+    dtype = compute_dtype(logits)
+    p = torch.softmax(logits.to(dtype) / temperature, dim=1)
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    w = torch.where(valid, weight.to(dtype), torch.zeros_like(p[:, 0]))
+    sums = p.new_zeros(num_classes, p.shape[1]).index_add(0, y[valid], p[valid])
+    counts = torch.bincount(y[valid], minlength=num_classes).clamp_min(1).unsqueeze(1)
+    q = sums / counts
+    live = (q >= floor).to(dtype)
+    a = p.new_zeros(q.shape).index_add(0, y, w.unsqueeze(1) * p / q.clamp_min(floor)[y])
+    v = (-cmi_weight * live * a / counts)[y] * valid.unsqueeze(1).to(dtype)
+    return p * (v - (p * v).sum(dim=1, keepdim=True)) / temperature
+
+
+def _is_eager_unit(grad_loss: Tensor) -> bool:
+    """True for a plain CPU upstream gradient that is exactly 1 (checking
+    costs no device sync there; traced and CUDA gradients are never read)."""
+    return (
+        type(grad_loss) is Tensor
+        and grad_loss.device.type == "cpu"
+        and grad_loss.numel() == 1
+        and grad_loss.item() == 1.0
+    )
+
+
+def _recompute(ctx, logits, target):
+    centroids = ctx.centroids
+    if centroids is not None and centroids._version != ctx.centroids_version:
+        raise RuntimeError(
+            "mcmi: the centroids were modified in place after the forward pass (an 'ema' "
+            "update), so this graph cannot be backpropagated a second time"
+        )
+    return torch.ops.mcmi.loss(logits, target, centroids, *ctx.args[:-1], True)[1]
+
+
+def _loss_backward(ctx, grad_loss, _unused):
+    grad, logits, target = ctx.saved_tensors
+    tracing = type(grad_loss) is not Tensor
+    if not ctx.args[-1] or (ctx.unit_grad_used and not tracing):
+        # No gradient was kept, or a previous backward consumed it.
+        grad = _recompute(ctx, logits, target)
+    ctx.unit_grad_used = True
+    scale = grad_loss.to(grad.dtype)
+    if tracing:
+        grad = grad * (scale.unsqueeze(1) if scale.dim() == 1 else scale)
+    elif not _is_eager_unit(grad_loss):
+        torch.ops.mcmi.scale_grad_(grad, scale)
+    num_classes, _, _, cmi_weight, _, _, reduction = ctx.args[:-1]
+    if ctx.centroids is None and reduction == REDUCTIONS["none"] and cmi_weight != 0.0:
+        # In-batch centroids with per-row outputs: the path through the
+        # centroids no longer cancels (see docs/math.md).
+        grad = grad + _batch_centroid_path(logits, target, grad_loss, ctx.args).to(grad.dtype)
+    return (grad,) + (None,) * 10
+
+
+torch.library.register_autograd("mcmi::loss", _loss_backward, setup_context=_loss_setup_context)
+
+
+def compute_dtype(logits: Tensor) -> torch.dtype:
+    """Dtype the kernels work in (and centroids must have) for these logits."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def prepare_centroids(centroids: Tensor | None, logits: Tensor) -> Tensor | None:
+    """Centroids as the kernels take them: detached, in the compute dtype."""
+    if centroids is None:
+        return None
+    if not isinstance(centroids, Tensor):
+        raise TypeError(f"centroids must be a Tensor or None, got {type(centroids).__name__}")
+    if not centroids.is_floating_point():
+        raise TypeError(f"centroids must be a floating-point tensor, got {centroids.dtype}")
+    return centroids.detach().to(compute_dtype(logits))
+
+
+def check_reduction(reduction: str) -> int:
+    try:
+        return REDUCTIONS[reduction]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}"
+        ) from None
+
+
+def check_positive_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def loss(
+    logits: Tensor,
+    target: Tensor,
+    centroids: Tensor | None,
+    *,
+    ce_weight: float,
+    cmi_weight: float,
+    temperature: float,
+    ignore_index: int,
+    reduction: str,
+    num_classes: int | None = None,
+) -> Tensor:
+    """``ce_weight * CE + cmi_weight * CMI`` through the fused op."""
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("logits and target must be tensors")
+    code = check_reduction(reduction)
+    temperature = check_positive_finite("temperature", temperature)
+    q = prepare_centroids(centroids, logits)
+    if num_classes is None:
+        num_classes = q.shape[0] if q is not None and q.dim() == 2 else logits.shape[-1]
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    value, _ = torch.ops.mcmi.loss(
+        logits,
+        target,
+        q,
+        int(num_classes),
+        temperature,
+        float(ce_weight),
+        float(cmi_weight),
+        CENTROID_FLOOR,
+        int(ignore_index),
+        code,
+        with_grad,
+    )
+    return value
+
+
+def class_sums(
+    logits: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    log_probs: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-class sums of ``softmax(logits / T)`` rows (``log_softmax`` rows
+    with ``log_probs=True``) and per-class counts, over rows whose label is
+    not ``ignore_index``. Returns ``(sums [K, C], counts [K])``; sums are
+    float64 for float64 logits and float32 otherwise. No gradient."""
+    temperature = check_positive_finite("temperature", temperature)
+    return torch.ops.mcmi.class_sums(
+        logits.detach(), target, int(num_classes), temperature, int(ignore_index), bool(log_probs)
+    )

@@ -1,0 +1,95 @@
+"""Dataset-level class centroids of a model: the fixed ``Q`` of the MCMI recipe."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import _ops
+from .distributed import all_reduce_class_sums
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU if it has none)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def split_batch(batch) -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)`` from a loader batch: a pair, or a longer tuple
+    whose first two entries are those (RepDistiller's instance loaders yield
+    ``(img, target, index)``)."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError("each batch must be a (inputs, targets, ...) tuple or list")
+
+
+@torch.no_grad()
+def estimate_centroids(
+    model: nn.Module,
+    loader: Iterable,
+    num_classes: int,
+    *,
+    device: torch.device | str | None = None,
+    temperature: float = 1.0,
+    progress: bool = True,
+    train_mode: bool = False,
+) -> Tensor:
+    """Class centroids of ``model`` over ``loader``: ``Q_c`` is the mean of
+    ``softmax(model(x) / T)`` over the samples of class ``c``.
+
+    One pass over the loader, per-class sums accumulated in float64 through
+    the class-sum kernel. With ``torch.distributed`` initialized the sums of
+    all ranks are added, so every rank gets the centroids of the whole data.
+
+    The model runs in **eval mode** by default: the centroids then describe
+    the teacher's deterministic predictions (no dropout, batch-norm running
+    statistics), the same distribution a student later distils from, and the
+    pass leaves batch-norm statistics untouched. ``train_mode=True`` runs it
+    in train mode as the MCMI authors' code does (batch statistics; note that
+    this updates batch-norm running statistics). The model's mode is restored
+    afterwards.
+
+    Args:
+        model: maps a batch of inputs to ``[B, C]`` logits.
+        loader: yields ``(inputs, targets, ...)`` batches.
+        num_classes: number of classes ``K``.
+        device: where to run the model (default: the model's device).
+        temperature: softmax temperature.
+        progress: show a tqdm progress bar.
+        train_mode: run the model in train mode (see above).
+
+    Returns:
+        ``[K, C]`` float32 centroids on ``device``, each row summing to 1.
+        A class with no sample gets the uniform row, with a warning.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.train(train_mode)
+    sums = counts = None
+    try:
+        for batch in tqdm(loader, desc="centroids", disable=not progress, leave=False):
+            inputs, targets = split_batch(batch)
+            logits = model(inputs.to(device))
+            s, c = _ops.class_sums(logits, targets.to(device), num_classes, temperature=temperature)
+            sums = s.double() if sums is None else sums + s
+            counts = c if counts is None else counts + c
+    finally:
+        model.train(was_training)
+    if sums is None:
+        raise ValueError("the loader yielded no batch")
+    sums, counts = all_reduce_class_sums(sums, counts)
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        warnings.warn(
+            f"no sample of classes {missing[:10]}{'...' if len(missing) > 10 else ''}: "
+            "their centroids are uniform",
+            stacklevel=2,
+        )
+        sums[counts == 0] = 1.0
+    return (sums / sums.sum(dim=1, keepdim=True)).float()
