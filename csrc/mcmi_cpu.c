@@ -207,8 +207,12 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
                           int64_t loss_stride, void *grad, int64_t grad_stride,
                           void *workspace, int num_threads,
                           int64_t *bad_index) {
-  if (!problem_ok(p) || loss == NULL || p->reduction < MCMI_REDUCTION_NONE ||
+  if (!problem_ok(p) || p->reduction < MCMI_REDUCTION_NONE ||
       p->reduction > MCMI_REDUCTION_SUM) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  /* Per-row losses of an empty batch are an empty (possibly NULL) array. */
+  if (loss == NULL && !(p->reduction == MCMI_REDUCTION_NONE && p->rows == 0)) {
     return MCMI_ERROR_ARGUMENT;
   }
   int64_t valid = 0, bad = -1;

@@ -24,8 +24,8 @@ std::tuple<Tensor, Tensor> loss_cpu(Tensor logits, Tensor target,
                                     int64_t reduction, bool with_grad) {
   Inputs in = make_inputs(logits, target, centroids, num_classes, temperature,
                           ignore_index);
-  STD_TORCH_CHECK(logits.is_cpu(), "mcmi: this build has no kernel for the "
-                                   "device of logits");
+  MCMI_CHECK(logits.is_cpu(), "mcmi: this build has no kernel for the "
+                              "device of logits");
   mcmi_problem &p = in.problem;
   check_weights(p, ce_weight, cmi_weight, floor);
   p.reduction = check_reduction(reduction);
@@ -36,9 +36,9 @@ std::tuple<Tensor, Tensor> loss_cpu(Tensor logits, Tensor target,
 
   const int64_t rows = p.rows, cols = p.cols;
   int64_t bad = -1;
-  check_status(mcmi_check_targets(p.target, p.target_stride, rows, p.classes,
-                                  ignore_index, nullptr, &bad),
-               bad, target, p.classes, ignore_index);
+  mcmi_status st = mcmi_check_targets(p.target, p.target_stride, rows,
+                                      p.classes, ignore_index, nullptr, &bad);
+  check_status(st, bad, p.classes, ignore_index);
 
   Tensor loss = p.reduction == MCMI_REDUCTION_NONE
                     ? torch::stable::new_empty(logits, {rows})
@@ -50,30 +50,30 @@ std::tuple<Tensor, Tensor> loss_cpu(Tensor logits, Tensor target,
       logits, mcmi_cpu_loss_workspace(&p, threads, with_grad ? 1 : 0));
   const int64_t loss_stride =
       p.reduction == MCMI_REDUCTION_NONE ? loss.stride(0) : 0;
-  check_status(mcmi_cpu_loss(&p, loss.mutable_data_ptr(), loss_stride,
-                             with_grad ? grad.mutable_data_ptr() : nullptr,
-                             cols, ws.mutable_data_ptr(), threads, &bad),
-               bad, target, p.classes, ignore_index);
+  st = mcmi_cpu_loss(&p, loss.mutable_data_ptr(), loss_stride,
+                     with_grad ? grad.mutable_data_ptr() : nullptr, cols,
+                     ws.mutable_data_ptr(), threads, &bad);
+  check_status(st, bad, p.classes, ignore_index);
   return std::make_tuple(loss, grad);
 }
 
 void scale_grad_cpu(Tensor grad, Tensor scale) {
-  STD_TORCH_CHECK(grad.dim() == 2, "mcmi: grad must be 2-D");
-  STD_TORCH_CHECK(grad.is_cpu(), "mcmi: this build has no kernel for the "
-                                 "device of grad");
-  STD_TORCH_CHECK(grad.size(1) <= 1 || grad.stride(1) == 1,
-                  "mcmi: grad must have unit column stride");
-  STD_TORCH_CHECK(scale.scalar_type() == grad.scalar_type(),
-                  "mcmi: scale must have the dtype of grad");
+  MCMI_CHECK(grad.dim() == 2, "mcmi: grad must be 2-D");
+  MCMI_CHECK(grad.is_cpu(), "mcmi: this build has no kernel for the "
+                            "device of grad");
+  MCMI_CHECK(grad.size(1) <= 1 || grad.stride(1) == 1,
+             "mcmi: grad must have unit column stride");
+  MCMI_CHECK(scale.scalar_type() == grad.scalar_type(),
+             "mcmi: scale must have the dtype of grad");
   check_same_device(grad, scale, "scale");
-  STD_TORCH_CHECK(scale.dim() == 0 ||
-                      (scale.dim() == 1 && scale.size(0) == grad.size(0)),
-                  "mcmi: scale must be 0-D or hold one value per row of grad");
+  MCMI_CHECK(scale.dim() == 0 ||
+                 (scale.dim() == 1 && scale.size(0) == grad.size(0)),
+             "mcmi: scale must be 0-D or hold one value per row of grad");
   const int64_t scale_stride = scale.dim() == 0 ? 0 : scale.stride(0);
   const mcmi_status st = mcmi_cpu_scale_rows(
       logits_dtype(grad), grad.mutable_data_ptr(), grad.size(0), grad.size(1),
       grad.stride(0), scale.const_data_ptr(), scale_stride, torch_threads());
-  STD_TORCH_CHECK(st == MCMI_OK, "mcmi: invalid arguments to scale_grad_");
+  MCMI_CHECK(st == MCMI_OK, "mcmi: invalid arguments to scale_grad_");
 }
 
 std::tuple<Tensor, Tensor>
@@ -81,8 +81,8 @@ class_sums_cpu(Tensor logits, Tensor target, int64_t num_classes,
                double temperature, int64_t ignore_index, bool log_probs) {
   Inputs in = make_inputs(logits, target, std::nullopt, num_classes,
                           temperature, ignore_index);
-  STD_TORCH_CHECK(logits.is_cpu(), "mcmi: this build has no kernel for the "
-                                   "device of logits");
+  MCMI_CHECK(logits.is_cpu(), "mcmi: this build has no kernel for the "
+                              "device of logits");
   mcmi_problem &p = in.problem;
   bind_pointers(in);
   Tensor sums = torch::stable::new_empty(logits, {num_classes, p.cols},
@@ -91,11 +91,11 @@ class_sums_cpu(Tensor logits, Tensor target, int64_t num_classes,
       torch::stable::new_empty(logits, {num_classes}, ScalarType::Long);
   Tensor ws = workspace(logits, mcmi_cpu_class_sums_workspace(&p));
   int64_t bad = -1;
-  check_status(mcmi_cpu_class_sums(
-                   &p, log_probs ? 1 : 0, sums.mutable_data_ptr(), p.cols,
-                   static_cast<int64_t *>(counts.mutable_data_ptr()),
-                   ws.mutable_data_ptr(), torch_threads(), &bad),
-               bad, target, num_classes, ignore_index);
+  const mcmi_status st = mcmi_cpu_class_sums(
+      &p, log_probs ? 1 : 0, sums.mutable_data_ptr(), p.cols,
+      static_cast<int64_t *>(counts.mutable_data_ptr()), ws.mutable_data_ptr(),
+      torch_threads(), &bad);
+  check_status(st, bad, num_classes, ignore_index);
   return std::make_tuple(sums, counts);
 }
 

@@ -7,11 +7,12 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
-#include <torch/headeronly/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 
 #include "mcmi.h"
@@ -20,6 +21,20 @@ namespace mcmi_shim {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
+
+// Throws std::runtime_error (RuntimeError in Python) with the parts joined.
+template <typename... Parts> [[noreturn]] void fail(const Parts &...parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::runtime_error(message.str());
+}
+
+#define MCMI_CHECK(cond, ...)                                                  \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      ::mcmi_shim::fail(__VA_ARGS__);                                          \
+    }                                                                          \
+  } while (0)
 
 inline const char *dtype_name(ScalarType t) {
   switch (t) {
@@ -51,10 +66,10 @@ inline mcmi_dtype logits_dtype(const Tensor &logits) {
   case ScalarType::Half:
     return MCMI_FLOAT16;
   default:
-    STD_TORCH_CHECK(false,
-                    "mcmi: logits must be float32, float64, bfloat16 "
-                    "or float16, got ",
-                    dtype_name(logits.scalar_type()));
+    MCMI_CHECK(false,
+               "mcmi: logits must be float32, float64, bfloat16 "
+               "or float16, got ",
+               dtype_name(logits.scalar_type()));
   }
   return MCMI_FLOAT32;
 }
@@ -71,9 +86,9 @@ inline Tensor unit_column_stride(const Tensor &t) {
 
 inline void check_same_device(const Tensor &a, const Tensor &b,
                               const char *name) {
-  STD_TORCH_CHECK(a.get_device_index() == b.get_device_index() &&
-                      a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda(),
-                  "mcmi: ", name, " must be on the same device as logits");
+  MCMI_CHECK(a.get_device_index() == b.get_device_index() &&
+                 a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda(),
+             "mcmi: ", name, " must be on the same device as logits");
 }
 
 // Validates logits [B, C], target [B] and optional centroids [K, C] and
@@ -90,26 +105,25 @@ inline Inputs make_inputs(const Tensor &logits, const Tensor &target,
                           const std::optional<Tensor> &centroids,
                           int64_t num_classes, double temperature,
                           int64_t ignore_index) {
-  STD_TORCH_CHECK(logits.dim() == 2,
-                  "mcmi: logits must be 2-D [batch, classes], got ",
-                  logits.dim(), " dimensions");
+  MCMI_CHECK(logits.dim() == 2,
+             "mcmi: logits must be 2-D [batch, classes], got ", logits.dim(),
+             " dimensions");
   const mcmi_dtype dtype = logits_dtype(logits);
-  STD_TORCH_CHECK(logits.size(1) >= 1,
-                  "mcmi: logits must have at least one column");
-  STD_TORCH_CHECK(target.dim() == 1, "mcmi: target must be 1-D [batch], got ",
-                  target.dim(), " dimensions");
-  STD_TORCH_CHECK(target.scalar_type() == ScalarType::Long,
-                  "mcmi: target must be int64, got ",
-                  dtype_name(target.scalar_type()));
-  STD_TORCH_CHECK(target.size(0) == logits.size(0), "mcmi: target has ",
-                  target.size(0), " entries but logits have ", logits.size(0),
-                  " rows");
+  MCMI_CHECK(logits.size(1) >= 1, "mcmi: logits must have at least one column");
+  MCMI_CHECK(target.dim() == 1, "mcmi: target must be 1-D [batch], got ",
+             target.dim(), " dimensions");
+  MCMI_CHECK(target.scalar_type() == ScalarType::Long,
+             "mcmi: target must be int64, got ",
+             dtype_name(target.scalar_type()));
+  MCMI_CHECK(target.size(0) == logits.size(0), "mcmi: target has ",
+             target.size(0), " entries but logits have ", logits.size(0),
+             " rows");
   check_same_device(logits, target, "target");
-  STD_TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
-                  "mcmi: temperature must be a finite number > 0, got ",
-                  temperature);
-  STD_TORCH_CHECK(num_classes >= 1, "mcmi: num_classes must be >= 1, got ",
-                  num_classes);
+  MCMI_CHECK(std::isfinite(temperature) && temperature > 0.0,
+             "mcmi: temperature must be a finite number > 0, got ",
+             temperature);
+  MCMI_CHECK(num_classes >= 1, "mcmi: num_classes must be >= 1, got ",
+             num_classes);
 
   Inputs in{unit_column_stride(logits), target, std::nullopt, mcmi_problem{}};
   mcmi_problem &p = in.problem;
@@ -126,18 +140,17 @@ inline Inputs make_inputs(const Tensor &logits, const Tensor &target,
 
   if (centroids.has_value()) {
     const Tensor &q = *centroids;
-    STD_TORCH_CHECK(q.dim() == 2,
-                    "mcmi: centroids must be 2-D [num_classes, classes], got ",
-                    q.dim(), " dimensions");
-    STD_TORCH_CHECK(q.size(1) == logits.size(1), "mcmi: centroids have ",
-                    q.size(1), " columns but logits have ", logits.size(1));
-    STD_TORCH_CHECK(q.size(0) == num_classes, "mcmi: centroids have ",
-                    q.size(0), " rows but num_classes is ", num_classes);
-    STD_TORCH_CHECK(q.scalar_type() == accumulate_type(logits),
-                    "mcmi: centroids must be ",
-                    dtype_name(accumulate_type(logits)), " for ",
-                    dtype_name(logits.scalar_type()), " logits, got ",
-                    dtype_name(q.scalar_type()));
+    MCMI_CHECK(q.dim() == 2,
+               "mcmi: centroids must be 2-D [num_classes, classes], got ",
+               q.dim(), " dimensions");
+    MCMI_CHECK(q.size(1) == logits.size(1), "mcmi: centroids have ", q.size(1),
+               " columns but logits have ", logits.size(1));
+    MCMI_CHECK(q.size(0) == num_classes, "mcmi: centroids have ", q.size(0),
+               " rows but num_classes is ", num_classes);
+    MCMI_CHECK(q.scalar_type() == accumulate_type(logits),
+               "mcmi: centroids must be ", dtype_name(accumulate_type(logits)),
+               " for ", dtype_name(logits.scalar_type()), " logits, got ",
+               dtype_name(q.scalar_type()));
     check_same_device(logits, q, "centroids");
     in.centroids = unit_column_stride(q);
     p.centroids_stride = in.centroids->stride(0);
@@ -155,42 +168,43 @@ inline void bind_pointers(Inputs &in) {
 }
 
 inline mcmi_reduction check_reduction(int64_t reduction) {
-  STD_TORCH_CHECK(reduction >= MCMI_REDUCTION_NONE &&
-                      reduction <= MCMI_REDUCTION_SUM,
-                  "mcmi: reduction code must be 0 (none), 1 (mean) or 2 "
-                  "(sum), got ",
-                  reduction);
+  MCMI_CHECK(reduction >= MCMI_REDUCTION_NONE &&
+                 reduction <= MCMI_REDUCTION_SUM,
+             "mcmi: reduction code must be 0 (none), 1 (mean) or 2 "
+             "(sum), got ",
+             reduction);
   return static_cast<mcmi_reduction>(reduction);
 }
 
 inline void check_weights(const mcmi_problem &p, double ce_weight,
                           double cmi_weight, double floor) {
-  STD_TORCH_CHECK(ce_weight == 0.0 || p.classes <= p.cols,
-                  "mcmi: cross-entropy needs labels that index the logits, "
-                  "but num_classes (",
-                  p.classes, ") > logits columns (", p.cols, ")");
-  STD_TORCH_CHECK(std::isfinite(ce_weight) && std::isfinite(cmi_weight),
-                  "mcmi: loss weights must be finite, got ce_weight=",
-                  ce_weight, " cmi_weight=", cmi_weight);
-  STD_TORCH_CHECK(std::isfinite(floor) && floor > 0.0 && floor < 1.0,
-                  "mcmi: centroid floor must be in (0, 1), got ", floor);
+  MCMI_CHECK(ce_weight == 0.0 || p.classes <= p.cols,
+             "mcmi: cross-entropy needs labels that index the logits, "
+             "but num_classes (",
+             p.classes, ") > logits columns (", p.cols, ")");
+  MCMI_CHECK(std::isfinite(ce_weight) && std::isfinite(cmi_weight),
+             "mcmi: loss weights must be finite, got ce_weight=", ce_weight,
+             " cmi_weight=", cmi_weight);
+  MCMI_CHECK(std::isfinite(floor) && floor > 0.0 && floor < 1.0,
+             "mcmi: centroid floor must be in (0, 1), got ", floor);
 }
 
 // Throws the message that belongs to a kernel status.
-inline void check_status(mcmi_status st, int64_t bad, const Tensor &target,
-                         int64_t classes, int64_t ignore_index) {
-  if (st == MCMI_OK) {
+inline void check_status(mcmi_status st, int64_t bad, int64_t classes,
+                         int64_t ignore_index) {
+  switch (st) {
+  case MCMI_OK:
     return;
+  case MCMI_ERROR_TARGET:
+    fail("mcmi: target[", bad, "] is out of range: labels must be in [0, ",
+         classes, ") or equal ignore_index (", ignore_index, ")");
+  case MCMI_ERROR_CENTROIDS:
+    fail("mcmi: centroids row ", bad,
+         " is not a probability vector (its entries must sum to 1 within ",
+         MCMI_CENTROID_SUM_TOLERANCE, ")");
+  default:
+    fail("mcmi: invalid kernel arguments");
   }
-  STD_TORCH_CHECK(st != MCMI_ERROR_TARGET, "mcmi: target[", bad,
-                  "] is out of range: labels must be in [0, ", classes,
-                  ") or equal ignore_index (", ignore_index, ")");
-  STD_TORCH_CHECK(st != MCMI_ERROR_CENTROIDS, "mcmi: centroids row ", bad,
-                  " is not a probability vector (its entries must sum to 1 "
-                  "within ",
-                  MCMI_CENTROID_SUM_TOLERANCE, ")");
-  STD_TORCH_CHECK(false, "mcmi: invalid kernel arguments");
-  (void)target;
 }
 
 } // namespace mcmi_shim

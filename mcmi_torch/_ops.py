@@ -13,6 +13,7 @@ so every backward gives the same result.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,11 +60,24 @@ def _class_sums_fake(logits, target, num_classes, temperature, ignore_index, log
     return sums, counts
 
 
+class _LossArgs(NamedTuple):
+    """The non-tensor arguments of mcmi::loss, in schema order."""
+
+    num_classes: int
+    temperature: float
+    ce_weight: float
+    cmi_weight: float
+    floor: float
+    ignore_index: int
+    reduction: int
+    with_grad: bool
+
+
 def _loss_setup_context(ctx, inputs, output):
     logits, target, centroids, *args = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
-    ctx.args = args
+    ctx.args = _LossArgs(*args)
     ctx.unit_grad_used = False
     # Centroids are only read again if a second backward recomputes the
     # gradient; held without autograd's version check because 'ema' updates
@@ -76,10 +90,10 @@ def _loss_setup_context(ctx, inputs, output):
 def _batch_centroid_path(logits, target, weight, args):
     """Gradient that flows through in-batch centroids when the per-row
     upstream weights differ within a class (zero when they are equal)."""
-    num_classes, temperature, _, cmi_weight, floor, ignore_index, _, _ = args
+    num_classes, temperature, floor = args.num_classes, args.temperature, args.floor
     dtype = compute_dtype(logits)
     p = torch.softmax(logits.to(dtype) / temperature, dim=1)
-    valid = target != ignore_index
+    valid = target != args.ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     w = torch.where(valid, weight.to(dtype), torch.zeros_like(p[:, 0]))
     sums = p.new_zeros(num_classes, p.shape[1]).index_add(0, y[valid], p[valid])
@@ -87,7 +101,7 @@ def _batch_centroid_path(logits, target, weight, args):
     q = sums / counts
     live = (q >= floor).to(dtype)
     a = p.new_zeros(q.shape).index_add(0, y, w.unsqueeze(1) * p / q.clamp_min(floor)[y])
-    v = (-cmi_weight * live * a / counts)[y] * valid.unsqueeze(1).to(dtype)
+    v = (-args.cmi_weight * live * a / counts)[y] * valid.unsqueeze(1).to(dtype)
     return p * (v - (p * v).sum(dim=1, keepdim=True)) / temperature
 
 
@@ -115,7 +129,7 @@ def _recompute(ctx, logits, target):
 def _loss_backward(ctx, grad_loss, _unused):
     grad, logits, target = ctx.saved_tensors
     tracing = type(grad_loss) is not Tensor
-    if not ctx.args[-1] or (ctx.unit_grad_used and not tracing):
+    if not ctx.args.with_grad or (ctx.unit_grad_used and not tracing):
         # No gradient was kept, or a previous backward consumed it.
         grad = _recompute(ctx, logits, target)
     ctx.unit_grad_used = True
@@ -124,8 +138,8 @@ def _loss_backward(ctx, grad_loss, _unused):
         grad = grad * (scale.unsqueeze(1) if scale.dim() == 1 else scale)
     elif not _is_eager_unit(grad_loss):
         torch.ops.mcmi.scale_grad_(grad, scale)
-    num_classes, _, _, cmi_weight, _, _, reduction = ctx.args[:-1]
-    if ctx.centroids is None and reduction == REDUCTIONS["none"] and cmi_weight != 0.0:
+    args = ctx.args
+    if ctx.centroids is None and args.reduction == REDUCTIONS["none"] and args.cmi_weight != 0:
         # In-batch centroids with per-row outputs: the path through the
         # centroids no longer cancels (see docs/math.md).
         grad = grad + _batch_centroid_path(logits, target, grad_loss, ctx.args).to(grad.dtype)

@@ -48,8 +48,9 @@ class MCMILoss(nn.Module):
 
             * a ``[K, C]`` tensor: fixed centroids (the paper's recipe: estimate
               them once with :func:`mcmi_torch.estimate_centroids`), stored as
-              the buffer ``centroids`` and renormalized row-wise; rows must sum
-              to 1 within 1e-3, entries must be finite and non-negative.
+              the float32 buffer ``centroids`` and renormalized row-wise; rows
+              must sum to 1 within 1e-3, entries must be finite and
+              non-negative.
             * ``'batch'``: the mean softmax of each class in the current batch.
             * ``'ema'``: a running ``[num_classes, num_classes]`` buffer, used as a
               constant in each step and then updated with the batch centroids
@@ -97,7 +98,8 @@ class MCMILoss(nn.Module):
                 raise ValueError(
                     f"num_classes={num_classes} disagrees with centroids of {q.shape[0]} rows"
                 )
-            self.register_buffer("centroids", q.float() if q.dtype != torch.float64 else q)
+            # float32: what the kernels read for float32/bf16/fp16 logits.
+            self.register_buffer("centroids", q.float())
             self.num_classes = q.shape[0]
         elif centroids == "batch":
             self.mode = "batch"

@@ -1,0 +1,17 @@
+"""Builds and runs the plain-C kernel tests (tests/c) under ASan + UBSan."""
+
+import pathlib
+import subprocess
+
+HERE = pathlib.Path(__file__).parent / "c"
+
+
+def test_c_kernels_under_sanitizers(tmp_path):
+    result = subprocess.run(
+        ["make", "-s", "-C", str(HERE), f"BUILD={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed, 0 failed" in result.stdout

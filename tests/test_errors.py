@@ -1,0 +1,148 @@
+"""Bad input raises a clear exception naming the problem (SPEC section 5)."""
+
+import math
+
+import pytest
+import torch
+from conftest import random_problem
+
+import mcmi_torch
+from mcmi_torch._ops import CENTROID_FLOOR
+
+
+@pytest.fixture
+def problem():
+    return random_problem(6, 5, 5, ignore=0.0)
+
+
+def op(logits, target, q, **kw):
+    args = dict(num_classes=5, temperature=1.0, ce_weight=1.0, cmi_weight=-0.25,
+                floor=CENTROID_FLOOR, ignore_index=-100, reduction=1, with_grad=False)  # fmt: skip
+    args.update(kw)
+    return torch.ops.mcmi.loss(logits, target, q, *args.values())
+
+
+@pytest.mark.parametrize("bad", [5, 6, 1 << 40, -1, -99, -101])
+@pytest.mark.parametrize("centroids", ["fixed", "batch"])
+def test_label_out_of_range(problem, bad, centroids):
+    logits, target, q = problem
+    target[3] = bad
+    with pytest.raises(RuntimeError, match=r"target\[3\] is out of range.*\[0, 5\)"):
+        mcmi_torch.cmi(logits, target, q if centroids == "fixed" else None)
+    with pytest.raises(RuntimeError, match=r"target\[3\] is out of range"):
+        mcmi_torch.class_sums(logits, target, 5)
+
+
+def test_label_out_of_range_with_grad(problem):
+    logits, target, q = problem
+    target[0] = 5
+    with pytest.raises(RuntimeError, match=r"target\[0\] is out of range"):
+        mcmi_torch.MCMILoss(0.2, q)(logits.requires_grad_(True), target)
+
+
+def test_wrong_dtypes(problem):
+    logits, target, q = problem
+    with pytest.raises(RuntimeError, match="logits must be float32, float64, bfloat16 or float16"):
+        mcmi_torch.cmi(logits.long(), target, q)
+    with pytest.raises(RuntimeError, match="target must be int64, got int32"):
+        mcmi_torch.cmi(logits, target.int(), q)
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        mcmi_torch.cmi(logits, target.float(), q)
+    with pytest.raises(TypeError, match="centroids must be a floating-point tensor"):
+        mcmi_torch.cmi(logits, target, q.long())
+    with pytest.raises(RuntimeError, match="centroids must be float32 for float32 logits"):
+        op(logits, target, q.double())
+
+
+def test_wrong_shapes(problem):
+    logits, target, q = problem
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        mcmi_torch.cmi(logits[0], target, q)
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        mcmi_torch.cmi(logits.unsqueeze(2), target, q)
+    with pytest.raises(RuntimeError, match="target must be 1-D"):
+        mcmi_torch.cmi(logits, target.unsqueeze(1), q)
+    with pytest.raises(RuntimeError, match="target has 5 entries but logits have 6 rows"):
+        mcmi_torch.cmi(logits, target[:5], q)
+    with pytest.raises(RuntimeError, match="centroids have 4 columns but logits have 5"):
+        mcmi_torch.cmi(logits, target, q[:, :4])
+    with pytest.raises(RuntimeError, match="centroids must be 2-D"):
+        mcmi_torch.cmi(logits, target, q[0])
+    with pytest.raises(RuntimeError, match="logits must have at least one column"):
+        mcmi_torch.cmi(logits[:, :0], target, None)
+
+
+def test_classes_disagree_with_centroids(problem):
+    logits, target, q = problem
+    with pytest.raises(RuntimeError, match="centroids have 5 rows but num_classes is 7"):
+        op(logits, target, q.float(), num_classes=7)
+    with pytest.raises(ValueError, match="num_classes=7 disagrees with centroids of 5 rows"):
+        mcmi_torch.MCMILoss(0.2, q, num_classes=7)
+    wide = torch.softmax(torch.randn(9, 5), 1)
+    with pytest.raises(RuntimeError, match=r"num_classes \(9\) > logits columns \(5\)"):
+        mcmi_torch.MCMILoss(0.2, wide)(logits, target)
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, math.nan, math.inf])
+def test_bad_temperature(problem, t):
+    logits, target, q = problem
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        mcmi_torch.cmi(logits, target, q, temperature=t)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        mcmi_torch.MCMILoss(0.2, q, temperature=t)
+    with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
+        op(logits, target, q.float(), temperature=t)
+
+
+@pytest.mark.parametrize("lam", [math.nan, math.inf, -math.inf])
+def test_non_finite_lam(problem, lam):
+    logits, target, q = problem
+    with pytest.raises(ValueError, match="lam must be finite"):
+        mcmi_torch.MCMILoss(lam, q)
+    with pytest.raises(RuntimeError, match="loss weights must be finite"):
+        op(logits, target, q.float(), cmi_weight=lam)
+
+
+def test_bad_reduction_and_codes(problem):
+    logits, target, q = problem
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mcmi_torch.cmi(logits, target, q, reduction="avg")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mcmi_torch.MCMILoss(0.2, q, reduction="batchmean")
+    with pytest.raises(RuntimeError, match="reduction code must be 0"):
+        op(logits, target, q.float(), reduction=3)
+    with pytest.raises(RuntimeError, match=r"centroid floor must be in \(0, 1\)"):
+        op(logits, target, q.float(), floor=0.0)
+    with pytest.raises(RuntimeError, match="num_classes must be >= 1"):
+        mcmi_torch.class_sums(logits, target, 0)
+
+
+def test_centroid_rows_must_be_probabilities(problem):
+    logits, target, q = problem
+    bad = q.clone()
+    bad[target[2]] *= 1.5
+    with pytest.raises(RuntimeError, match=f"centroids row {target[2].item()} is not a prob"):
+        mcmi_torch.cmi(logits, target, bad)
+    nan = q.clone()
+    nan[target[0], 1] = math.nan
+    with pytest.raises(RuntimeError, match="is not a probability vector"):
+        mcmi_torch.cmi(logits, target, nan)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        mcmi_torch.MCMILoss(0.2, bad)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mcmi_torch.MCMILoss(0.2, nan)
+    neg = q.clone()
+    neg[0, 0], neg[0, 1] = -0.1, neg[0, 1] + 0.1 + neg[0, 0]
+    with pytest.raises(ValueError, match="negative entries"):
+        mcmi_torch.MCMILoss(0.2, neg)
+
+
+def test_module_arguments():
+    with pytest.raises(ValueError, match="'ema' needs num_classes"):
+        mcmi_torch.MCMILoss(0.2, "ema")
+    with pytest.raises(ValueError, match="momentum must be in"):
+        mcmi_torch.MCMILoss(0.2, "ema", num_classes=3, momentum=0.0)
+    with pytest.raises(ValueError, match="centroids must be a tensor, 'batch' or 'ema'"):
+        mcmi_torch.MCMILoss(0.2, "fixed")
+    with pytest.raises(TypeError, match="logits and target must be tensors"):
+        mcmi_torch.cmi([[0.0]], torch.zeros(1, dtype=torch.long))
