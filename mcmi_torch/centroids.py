@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _ops
-from .distributed import all_reduce_class_sums
+from .distributed import all_reduce_sum
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -83,7 +83,7 @@ def estimate_centroids(
         model.train(was_training)
     if sums is None:
         raise ValueError("the loader yielded no batch")
-    sums, counts = all_reduce_class_sums(sums, counts)
+    sums, counts = all_reduce_sum(sums, counts)
     missing = (counts == 0).nonzero().flatten().tolist()
     if missing:
         warnings.warn(

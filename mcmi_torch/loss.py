@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
-from .distributed import all_reduce_class_sums
+from .distributed import all_reduce_sum
 
 _ROW_SUM_TOLERANCE = 1e-3
 
@@ -148,7 +148,7 @@ class MCMILoss(nn.Module):
             temperature=self.temperature,
             ignore_index=self.ignore_index,
         )
-        sums, counts = all_reduce_class_sums(sums, counts)
+        sums, counts = all_reduce_sum(sums, counts)
         present = counts > 0
         batch = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
         old = self.centroids
