@@ -221,7 +221,7 @@ def plot(results: list[dict], path: pathlib.Path, lam: float) -> None:
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(f"Hinton KD on sklearn digits, {len(results)} seeds (mean +- std)")
     ax.set_ylim(0, 105)
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

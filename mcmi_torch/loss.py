@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, is_distributed
 
 _ROW_SUM_TOLERANCE = 1e-3
 
@@ -52,6 +52,8 @@ class MCMILoss(nn.Module):
               must sum to 1 within 1e-3, entries must be finite and
               non-negative.
             * ``'batch'``: the mean softmax of each class in the current batch.
+              With ``torch.distributed`` initialized, the batch of all ranks
+              (then used as constants; exact for ``'mean'`` and ``'sum'``).
             * ``'ema'``: a running ``[num_classes, num_classes]`` buffer, used as a
               constant in each step and then updated with the batch centroids
               of the classes present: ``Q_c <- (1 - momentum) Q_c + momentum
@@ -123,7 +125,15 @@ class MCMILoss(nn.Module):
         )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        centroids = None if self.mode == "batch" else self.centroids
+        if self.mode != "batch":
+            centroids = self.centroids
+        elif is_distributed():
+            # The centroids of the batch of all ranks, as constants: for 'mean'
+            # and 'sum' the path through them cancels (docs/math.md), so the
+            # gradient equals the single-process one on the concatenated batch.
+            centroids = self._batch_centroids(logits, target)[0]
+        else:
+            centroids = None
         value = _ops.loss(
             logits,
             target,
@@ -140,17 +150,23 @@ class MCMILoss(nn.Module):
         return value
 
     @torch.no_grad()
-    def _update(self, logits: Tensor, target: Tensor) -> None:
+    def _batch_centroids(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean softmax per class over the batch of all ranks, and class counts."""
+        num_classes = self.num_classes if self.num_classes is not None else logits.shape[1]
         sums, counts = _ops.class_sums(
             logits,
             target,
-            self.num_classes,
+            num_classes,
             temperature=self.temperature,
             ignore_index=self.ignore_index,
         )
         sums, counts = all_reduce_sum(sums, counts)
+        return sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype), counts
+
+    @torch.no_grad()
+    def _update(self, logits: Tensor, target: Tensor) -> None:
+        batch, counts = self._batch_centroids(logits, target)
         present = counts > 0
-        batch = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
         old = self.centroids
         blended = torch.where(
             self.seen.unsqueeze(1), old + self.momentum * (batch.to(old.dtype) - old), batch

@@ -1,0 +1,27 @@
+"""Optional hooks into other distillation frameworks (imported only on demand)."""
+
+from __future__ import annotations
+
+import torch
+
+from .loss import MCMILoss
+
+
+def mcmi_loss_from_file(centroids_path: str, **kwargs) -> MCMILoss:
+    """``MCMILoss`` with fixed centroids loaded from a ``torch.save``-d tensor (or a
+    checkpoint dict holding one under ``'centroids'``); keyword arguments as in
+    ``MCMILoss``. Lets a YAML config name fixed centroids by path."""
+    q = torch.load(centroids_path, map_location="cpu", weights_only=True)
+    if isinstance(q, dict):
+        q = q["centroids"]
+    return MCMILoss(centroids=q, **kwargs)
+
+
+def register_torchdistill() -> None:
+    """Registers ``MCMILoss`` and ``MCMILossFromFile`` (:func:`mcmi_loss_from_file`) as
+    torchdistill low-level losses, so a YAML config can name them under ``key``.
+    Raises ImportError if torchdistill is not installed."""
+    from torchdistill.losses.registry import register_low_level_loss
+
+    register_low_level_loss(key="MCMILoss")(MCMILoss)
+    register_low_level_loss(key="MCMILossFromFile")(mcmi_loss_from_file)
