@@ -4,9 +4,11 @@
 
 STABLE_TORCH_LIBRARY(mcmi, m) {
   // CE/CMI loss and, when with_grad, d(loss)/d(logits) for a unit upstream
-  // gradient. centroids None selects in-batch centroids.
+  // gradient. centroids None selects in-batch centroids; log_centroids says
+  // that centroids hold log max(Q, floor) rather than Q.
   m.def("loss(Tensor logits, Tensor target, Tensor? centroids, "
-        "int num_classes, float temperature, float ce_weight, "
+        "bool log_centroids, int num_classes, float temperature, "
+        "float ce_weight, "
         "float cmi_weight, float floor, int ignore_index, int reduction, "
         "bool with_grad) -> (Tensor, Tensor)");
   // Backward of loss: grad *= scale, row by row (scale is 0-D or [B]).

@@ -72,6 +72,9 @@ typedef struct {
   int64_t target_stride;
   const void *centroids;
   int64_t centroids_stride;
+  /* Non-zero: centroids hold log max(Q, floor) (precomputed by the caller),
+   * used as they are; their rows are then not checked. */
+  int log_centroids;
   double temperature; /* > 0 */
   double ce_weight;
   double cmi_weight;

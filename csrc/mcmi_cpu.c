@@ -13,12 +13,41 @@
 #include <string.h>
 
 #include "mcmi_dtype.h"
+#include "mcmi_math.h"
+
+/*
+ * Row loops are compiled for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and
+ * the x86-64 baseline, and the loader picks the best the CPU runs; results
+ * are bitwise identical on one machine, run after run. MCMI_PORTABLE builds
+ * the baseline alone (the tests build both).
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) &&         \
+    !defined(MCMI_PORTABLE)
+#define MCMI_CLONES                                                            \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MCMI_CLONES
+#endif
+/* Elements per block of a row reduction (see mcmi_cpu_impl.h). */
+#define MCMI_BLOCK 512
+
+/* Helpers of row loops are inlined into every clone, so each gets the
+ * clone's instruction set (a call would reach a baseline copy). */
+#define MCMI_INLINE static inline __attribute__((always_inline))
+
+/* Per-block statistics of one row of the loss (mcmi_cpu_impl.h). */
+typedef struct {
+  double m, s, a, s1, r, r1;
+} mcmi_block_stat;
 
 /* Byte offsets of the workspace regions of mcmi_cpu_loss. */
 typedef struct {
   size_t row_val;    /* double[rows] */
   size_t row_qsum;   /* double[rows] */
-  size_t scratch;    /* ACC_T[threads][3][cols], with a gradient only */
+  size_t scratch;    /* per thread: block stats, then (with a gradient)
+                        ACC_T[3][cols] at offset `terms` */
+  size_t per_thread; /* bytes of one thread's scratch */
+  size_t terms;
   size_t class_map;  /* int64[classes], in-batch centroids only */
   size_t slot;       /* int64[rows], in-batch centroids only */
   size_t slot_count; /* int64[min(rows, classes)], in-batch only */
@@ -57,9 +86,10 @@ static loss_layout make_loss_layout(const mcmi_problem *p, int nt,
   l.row_qsum = at;
   at = align64(at + rows * sizeof(double));
   l.scratch = at;
-  if (with_grad) {
-    at = align64(at + (size_t)nt * 3u * cols * acc);
-  }
+  l.terms =
+      align64(((cols + MCMI_BLOCK - 1) / MCMI_BLOCK) * sizeof(mcmi_block_stat));
+  l.per_thread = l.terms + (with_grad ? align64(3u * cols * acc) : 0u);
+  at = align64(at + (size_t)nt * l.per_thread);
   l.class_map = l.slot = l.slot_count = l.batch_q = at;
   if (p->centroids == NULL) {
     l.class_map = at;
@@ -107,8 +137,8 @@ static int64_t assign_slots(const mcmi_problem *p, int64_t *map, int64_t *slot,
 #define ACC_T float
 #define LOAD(x) (x)
 #define STORE(x) (x)
-#define EXP expf
-#define LOG logf
+#define EXP mcmi_expf
+#define LOG mcmi_logf
 #include "mcmi_cpu_impl.h"
 #undef SFX
 #undef LOGIT_T
@@ -185,6 +215,9 @@ static int problem_ok(const mcmi_problem *p) {
   if (p == NULL || p->rows < 0 || p->cols < 1 || p->classes < 1 ||
       !(p->temperature > 0.0) || p->dtype < MCMI_FLOAT32 ||
       p->dtype > MCMI_FLOAT16) {
+    return 0;
+  }
+  if (p->log_centroids && p->centroids == NULL) {
     return 0;
   }
   /* The cross-entropy term reads z[i, y_i]: labels must index the logits. */

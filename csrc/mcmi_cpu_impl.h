@@ -8,7 +8,9 @@
  *   LOAD(x)    LOGIT_T -> ACC_T
  *   STORE(x)   ACC_T -> LOGIT_T
  *   EXP, LOG   exp and log in ACC_T
- * Per-row sums are accumulated in double whatever ACC_T is.
+ * Per-row sums are accumulated in double whatever ACC_T is. Functions that
+ * touch a whole row carry MCMI_CLONES: one copy per x86-64 level, chosen
+ * at load time.
  */
 
 #define CAT_(a, b) a##_##b
@@ -16,7 +18,7 @@
 #define FN(name) CAT(name, SFX)
 
 /* Maximum of row z (NaN entries are skipped; they propagate later). */
-static inline ACC_T FN(row_max)(const LOGIT_T *z, int64_t cols) {
+MCMI_INLINE ACC_T FN(row_max)(const LOGIT_T *z, int64_t cols) {
   ACC_T m = -(ACC_T)INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < cols; ++j) {
@@ -26,108 +28,201 @@ static inline ACC_T FN(row_max)(const LOGIT_T *z, int64_t cols) {
   return m;
 }
 
-/* log sum_j exp((z_j - m) / T): the row's log-normalizer minus m / T. */
-static inline double FN(row_log_norm)(const LOGIT_T *z, int64_t cols, ACC_T m,
-                                      ACC_T inv_t) {
-  double s = 0.0;
+/*
+ * Sums over one block of at most MCMI_BLOCK elements are formed in ACC_T
+ * (SIMD lanes, fixed order) and added to double totals block by block: the
+ * rounding error of a block sum is that of a few dozen additions, while the
+ * loop stays in single precision. Blocks start at fixed offsets from the row
+ * start, so a result never depends on anything but the row.
+ */
+/* sum_j exp((z_j - m) * k) over a block; stores the terms when e != NULL. */
+MCMI_INLINE ACC_T FN(exp_block)(const LOGIT_T *z, int64_t n, ACC_T m, ACC_T k,
+                                ACC_T *e) {
+  ACC_T s = 0;
+  if (e) {
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < cols; ++j) {
-    s += (double)EXP((LOAD(z[j]) - m) * inv_t);
+    for (int64_t j = 0; j < n; ++j) {
+      e[j] = EXP((LOAD(z[j]) - m) * k);
+      s += e[j];
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+      s += EXP((LOAD(z[j]) - m) * k);
+    }
   }
-  return log(s);
+  return s;
 }
+
+/*
+ * The fused block of a loss row: with u_j = (z_j - m) / T,
+ * w_j = u_j - log max(q_j, floor) (or u_j - q_j when q holds logs) and
+ * e_j = exp(u_j), adds sum e_j, sum e_j w_j and sum q_j to sums[0..2];
+ * stores e and w when e != NULL. The four loops differ only in what they
+ * store and in whether they take the log.
+ */
+#define MCMI_KL_LOOP(LOGQ, KEEP)                                               \
+  _Pragma("omp simd reduction(+ : s, a, qs)") for (int64_t j = 0; j < n;       \
+                                                   ++j) {                      \
+    const ACC_T u = (LOAD(z[j]) - m) * inv_t;                                  \
+    const ACC_T qv = q[j];                                                     \
+    const ACC_T ej = EXP(u);                                                   \
+    const ACC_T wj = u - (LOGQ);                                               \
+    KEEP;                                                                      \
+    s += ej;                                                                   \
+    a += ej * wj;                                                              \
+    qs += qv;                                                                  \
+  }
+
+MCMI_INLINE void FN(kl_block)(const LOGIT_T *z, const ACC_T *q, int64_t n,
+                              ACC_T m, ACC_T inv_t, ACC_T qfloor, int q_is_log,
+                              ACC_T *e, ACC_T *w, double sums[3]) {
+  ACC_T s = 0, a = 0, qs = 0;
+  if (q_is_log && e) {
+    MCMI_KL_LOOP(qv, (e[j] = ej, w[j] = wj))
+  } else if (q_is_log) {
+    MCMI_KL_LOOP(qv, (void)0)
+  } else if (e) {
+    MCMI_KL_LOOP(LOG(qv > qfloor ? qv : qfloor), (e[j] = ej, w[j] = wj))
+  } else {
+    MCMI_KL_LOOP(LOG(qv > qfloor ? qv : qfloor), (void)0)
+  }
+  sums[0] += (double)s;
+  sums[1] += (double)a;
+  sums[2] += (double)qs;
+}
+#undef MCMI_KL_LOOP
 
 /*
  * One valid row of the loss: returns ce_weight * CE + cmi_weight * KL and,
  * when g != NULL, writes the row's gradient scaled by the given
- * coefficients. `scratch` holds 3 * cols ACC_T when g != NULL.
- * *qsum receives sum_j q_j.
+ * coefficients. *qsum receives sum_j q_j.
+ *
+ * One pass over z and q, block by block (online softmax): each block is
+ * reduced relative to its own maximum m_b while it sits in L1, and the
+ * blocks are combined with the factors r_b = exp((m_b - M) / T), M the row
+ * maximum. `stats` holds one mcmi_block_stat per block; `scratch`, when
+ * g != NULL, 3 * cols ACC_T for the terms the gradient pass reuses.
  */
-static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
-                           const ACC_T *q, int64_t y, LOGIT_T *g,
-                           ACC_T *scratch, double ce_coef, double cmi_coef,
-                           double *qsum) {
+MCMI_CLONES static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
+                                       const ACC_T *q, int64_t y, LOGIT_T *g,
+                                       mcmi_block_stat *stats, ACC_T *scratch,
+                                       double ce_coef, double cmi_coef,
+                                       double *qsum) {
   const int64_t cols = p->cols;
+  const int64_t nb = (cols + MCMI_BLOCK - 1) / MCMI_BLOCK;
   const ACC_T inv_t = (ACC_T)(1.0 / p->temperature);
   const ACC_T qfloor = (ACC_T)p->floor;
-  const int unit_t = p->temperature == 1.0;
   const int want_ce = p->ce_weight != 0.0;
-  const int separate_ce = want_ce && !unit_t;
-  const ACC_T m = FN(row_max)(z, cols);
+  /* CE is at temperature 1: at T == 1 it shares the CMI softmax. */
+  const int separate_ce = want_ce && p->temperature != 1.0;
   ACC_T *e_buf = scratch;
   ACC_T *w_buf = scratch ? scratch + cols : NULL;
   ACC_T *e1_buf = scratch ? scratch + 2 * cols : NULL;
 
-  double s = 0.0, a = 0.0, qs = 0.0;
-  if (g) {
-#pragma omp simd reduction(+ : s, a, qs)
-    for (int64_t j = 0; j < cols; ++j) {
-      ACC_T u = (LOAD(z[j]) - m) * inv_t;
-      ACC_T qv = q[j];
-      ACC_T e = EXP(u);
-      ACC_T w = u - LOG(qv > qfloor ? qv : qfloor);
-      e_buf[j] = e;
-      w_buf[j] = w;
-      s += (double)e;
-      a += (double)(e * w);
-      qs += (double)qv;
+  double big_m = -INFINITY, qs = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t j0 = b * MCMI_BLOCK;
+    const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
+    /* Ask for the next block of z and q while this one computes. */
+    const int64_t next_end =
+        j0 + 2 * MCMI_BLOCK < cols ? j0 + 2 * MCMI_BLOCK : cols;
+    for (int64_t j = j0 + MCMI_BLOCK; j < next_end;
+         j += 64 / (int64_t)sizeof(LOGIT_T)) {
+      __builtin_prefetch(z + j);
     }
-  } else {
-#pragma omp simd reduction(+ : s, a, qs)
-    for (int64_t j = 0; j < cols; ++j) {
-      ACC_T u = (LOAD(z[j]) - m) * inv_t;
-      ACC_T qv = q[j];
-      ACC_T e = EXP(u);
-      s += (double)e;
-      a += (double)(e * (u - LOG(qv > qfloor ? qv : qfloor)));
-      qs += (double)qv;
+    for (int64_t j = j0 + MCMI_BLOCK; j < next_end;
+         j += 64 / (int64_t)sizeof(ACC_T)) {
+      __builtin_prefetch(q + j);
     }
+    const ACC_T mb = FN(row_max)(z + j0, n);
+    double sums[3] = {0.0, 0.0, 0.0};
+    FN(kl_block)(z + j0, q + j0, n, mb, inv_t, qfloor, p->log_centroids,
+                 g ? e_buf + j0 : NULL, g ? w_buf + j0 : NULL, sums);
+    stats[b].m = (double)mb;
+    stats[b].s = sums[0];
+    stats[b].a = sums[1];
+    stats[b].s1 = separate_ce ? (double)FN(exp_block)(z + j0, n, mb, (ACC_T)1,
+                                                      g ? e1_buf + j0 : NULL)
+                              : sums[0];
+    qs += sums[2];
+    big_m = (double)mb > big_m ? (double)mb : big_m;
+  }
+  /* sum_j e^{(z_j - M)/T} (u_j - log q_j) of a block is r_b (a_b + s_b d_b)
+   * with d_b = (m_b - M) / T. */
+  double s = 0.0, a = 0.0, s1 = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const double d = (stats[b].m - big_m) * (double)inv_t;
+    stats[b].r = exp(d);
+    stats[b].r1 = separate_ce ? exp(stats[b].m - big_m) : stats[b].r;
+    s += stats[b].r * stats[b].s;
+    a += stats[b].r * (stats[b].a + stats[b].s * d);
+    s1 += stats[b].r1 * stats[b].s1;
   }
   *qsum = qs;
   const double ls = log(s);
   const double kl = a / s - ls;
-
-  double s1 = s;
-  if (separate_ce) {
-    s1 = 0.0;
-    if (g) {
-#pragma omp simd reduction(+ : s1)
-      for (int64_t j = 0; j < cols; ++j) {
-        ACC_T e1 = EXP(LOAD(z[j]) - m);
-        e1_buf[j] = e1;
-        s1 += (double)e1;
-      }
-    } else {
-#pragma omp simd reduction(+ : s1)
-      for (int64_t j = 0; j < cols; ++j) {
-        s1 += (double)EXP(LOAD(z[j]) - m);
-      }
-    }
-  }
-  /* With T != 1 the row max of z / T is m / T, of z it is m. */
-  const double ce = want_ce ? (double)m + log(s1) - (double)LOAD(z[y]) : 0.0;
+  const double ce = want_ce ? big_m + log(s1) - (double)LOAD(z[y]) : 0.0;
 
   if (g) {
-    const ACC_T inv_s = (ACC_T)(1.0 / s);
-    const ACC_T inv_s1 = (ACC_T)(1.0 / s1);
-    const ACC_T shift = (ACC_T)(ls + kl);
-    const ACC_T kc = (ACC_T)cmi_coef;
-    const ACC_T kce = (ACC_T)ce_coef;
     const ACC_T *p1_buf = separate_ce ? e1_buf : e_buf;
-    ACC_T gy = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j0 = b * MCMI_BLOCK;
+      const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
+      /* P_j = e_j r_b / s; log P_j - log q_j - KL = w_j - shift_b. */
+      const ACC_T kp = (ACC_T)(cmi_coef * stats[b].r / s);
+      const ACC_T k1 = (ACC_T)(ce_coef * stats[b].r1 / s1);
+      const ACC_T shift =
+          (ACC_T)(ls + kl - (stats[b].m - big_m) * (double)inv_t);
+      const ACC_T *e = e_buf + j0, *w = w_buf + j0, *p1 = p1_buf + j0;
+      LOGIT_T *gb = g + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      ACC_T pj = e_buf[j] * inv_s;
-      ACC_T v = kc * pj * (w_buf[j] - shift) + kce * (p1_buf[j] * inv_s1);
-      g[j] = STORE(v);
-    }
-    if (want_ce) {
-      gy = kc * (e_buf[y] * inv_s) * (w_buf[y] - shift) +
-           kce * (p1_buf[y] * inv_s1) - kce;
-      g[y] = STORE(gy);
+      for (int64_t j = 0; j < n; ++j) {
+        gb[j] = STORE(kp * e[j] * (w[j] - shift) + k1 * p1[j]);
+      }
+      if (want_ce && y >= j0 && y < j0 + n) {
+        const int64_t k = y - j0;
+        gb[k] = STORE(kp * e[k] * (w[k] - shift) + k1 * p1[k] - (ACC_T)ce_coef);
+      }
     }
   }
   return p->ce_weight * ce + p->cmi_weight * kl;
+}
+
+/* Row maximum and log-normalizer of row z at temperature T (class sums). */
+MCMI_CLONES static void FN(row_stats)(const LOGIT_T *z, int64_t cols,
+                                      ACC_T inv_t, double *m_out,
+                                      double *ls_out) {
+  /* One pass, block by block, with the online-softmax rescaling. */
+  double big_m = -INFINITY, sum = 0.0;
+  for (int64_t j0 = 0; j0 < cols; j0 += MCMI_BLOCK) {
+    const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
+    const ACC_T mb = FN(row_max)(z + j0, n);
+    const double sb = (double)FN(exp_block)(z + j0, n, mb, inv_t, NULL);
+    const double next = (double)mb > big_m ? (double)mb : big_m;
+    sum = sum * exp((big_m - next) * (double)inv_t) +
+          sb * exp(((double)mb - next) * (double)inv_t);
+    big_m = next;
+  }
+  *m_out = big_m;
+  *ls_out = log(sum);
+}
+
+/* o += softmax(z / T) (or log_softmax), given the row's stats. */
+MCMI_CLONES static void FN(accumulate_row)(ACC_T *o, const LOGIT_T *z,
+                                           int64_t cols, ACC_T inv_t, ACC_T m,
+                                           ACC_T ls, int log_probs) {
+  if (log_probs) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      o[j] += (LOAD(z[j]) - m) * inv_t - ls;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      o[j] += EXP((LOAD(z[j]) - m) * inv_t - ls);
+    }
+  }
 }
 
 /*
@@ -149,43 +244,24 @@ static void FN(class_accumulate)(const mcmi_problem *p, const int64_t *slot,
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
-      if (slot[i] < 0) {
-        continue;
+      if (slot[i] >= 0) {
+        FN(row_stats)(logits + i * p->logits_stride, cols, inv_t, &row_m[i],
+                      &row_ls[i]);
       }
-      const LOGIT_T *z = logits + i * p->logits_stride;
-      ACC_T m = FN(row_max)(z, cols);
-      row_m[i] = (double)m;
-      row_ls[i] = FN(row_log_norm)(z, cols, m, inv_t);
     }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < nslots; ++c) {
-      ACC_T *o = out + c * out_stride;
-      for (int64_t j = 0; j < cols; ++j) {
-        o[j] = 0;
-      }
+      memset(out + c * out_stride, 0, (size_t)cols * sizeof(ACC_T));
     }
     /* An implicit barrier ends each `omp for`: stats and zeros are ready. */
     const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t lo = nslots * t / team, hi = nslots * (t + 1) / team;
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t c = slot[i];
-      if (c < lo || c >= hi) {
-        continue;
-      }
-      const LOGIT_T *z = logits + i * p->logits_stride;
-      const ACC_T m = (ACC_T)row_m[i];
-      const ACC_T ls = (ACC_T)row_ls[i];
-      ACC_T *o = out + c * out_stride;
-      if (log_probs) {
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) {
-          o[j] += (LOAD(z[j]) - m) * inv_t - ls;
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) {
-          o[j] += EXP((LOAD(z[j]) - m) * inv_t - ls);
-        }
+      if (c >= lo && c < hi) {
+        FN(accumulate_row)(out + c * out_stride, logits + i * p->logits_stride,
+                           cols, inv_t, (ACC_T)row_m[i], (ACC_T)row_ls[i],
+                           log_probs);
       }
     }
   }
@@ -245,16 +321,18 @@ static mcmi_status FN(loss)(const mcmi_problem *p, const loss_layout *lay,
       continue;
     }
     const ACC_T *q = qbase + (fixed ? y : slot[i]) * qstride;
-    ACC_T *scratch =
-        g ? (ACC_T *)(ws + lay->scratch) + omp_get_thread_num() * 3 * cols
-          : NULL;
-    row_val[i] = FN(loss_row)(p, logits + i * p->logits_stride, q, y, g,
+    char *mine =
+        ws + lay->scratch + (size_t)omp_get_thread_num() * lay->per_thread;
+    mcmi_block_stat *stats = (mcmi_block_stat *)mine;
+    ACC_T *scratch = g ? (ACC_T *)(mine + lay->terms) : NULL;
+    row_val[i] = FN(loss_row)(p, logits + i * p->logits_stride, q, y, g, stats,
                               scratch, ce_coef, cmi_coef, &row_qsum[i]);
   }
 
   double total = 0.0;
   for (int64_t i = 0; i < rows; ++i) {
-    if (fixed && !(fabs(row_qsum[i] - 1.0) <= MCMI_CENTROID_SUM_TOLERANCE)) {
+    if (fixed && !p->log_centroids &&
+        !(fabs(row_qsum[i] - 1.0) <= MCMI_CENTROID_SUM_TOLERANCE)) {
       *bad_index = p->target[i * p->target_stride];
       return MCMI_ERROR_CENTROIDS;
     }
@@ -271,17 +349,19 @@ static mcmi_status FN(loss)(const mcmi_problem *p, const loss_layout *lay,
   return MCMI_OK;
 }
 
+MCMI_CLONES static void FN(scale_row)(LOGIT_T *r, int64_t cols, ACC_T k) {
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    r[j] = STORE(LOAD(r[j]) * k);
+  }
+}
+
 static void FN(scale_rows)(LOGIT_T *x, int64_t rows, int64_t cols,
                            int64_t stride, const LOGIT_T *scale,
                            int64_t scale_stride, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
-    const ACC_T k = LOAD(scale[i * scale_stride]);
-    LOGIT_T *r = x + i * stride;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      r[j] = STORE(LOAD(r[j]) * k);
-    }
+    FN(scale_row)(x + i * stride, cols, LOAD(scale[i * scale_stride]));
   }
 }
 

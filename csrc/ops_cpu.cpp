@@ -16,12 +16,11 @@ Tensor workspace(const Tensor &like, size_t bytes) {
       like, {static_cast<int64_t>(bytes > 0 ? bytes : 1)}, ScalarType::Byte);
 }
 
-std::tuple<Tensor, Tensor> loss_cpu(Tensor logits, Tensor target,
-                                    std::optional<Tensor> centroids,
-                                    int64_t num_classes, double temperature,
-                                    double ce_weight, double cmi_weight,
-                                    double floor, int64_t ignore_index,
-                                    int64_t reduction, bool with_grad) {
+std::tuple<Tensor, Tensor>
+loss_cpu(Tensor logits, Tensor target, std::optional<Tensor> centroids,
+         bool log_centroids, int64_t num_classes, double temperature,
+         double ce_weight, double cmi_weight, double floor,
+         int64_t ignore_index, int64_t reduction, bool with_grad) {
   Inputs in = make_inputs(logits, target, centroids, num_classes, temperature,
                           ignore_index);
   MCMI_CHECK(logits.is_cpu(), "mcmi: this build has no kernel for the "
@@ -29,6 +28,9 @@ std::tuple<Tensor, Tensor> loss_cpu(Tensor logits, Tensor target,
   mcmi_problem &p = in.problem;
   check_weights(p, ce_weight, cmi_weight, floor);
   p.reduction = check_reduction(reduction);
+  MCMI_CHECK(!log_centroids || centroids.has_value(),
+             "mcmi: log_centroids needs centroids");
+  p.log_centroids = log_centroids ? 1 : 0;
   p.ce_weight = ce_weight;
   p.cmi_weight = cmi_weight;
   p.floor = floor;

@@ -12,6 +12,7 @@ so every backward gives the same result.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ def _loss_fake(
     logits,
     target,
     centroids,
+    log_centroids,
     num_classes,
     temperature,
     ce_weight,
@@ -63,6 +65,7 @@ def _class_sums_fake(logits, target, num_classes, temperature, ignore_index, log
 class _LossArgs(NamedTuple):
     """The non-tensor arguments of mcmi::loss, in schema order."""
 
+    log_centroids: bool
     num_classes: int
     temperature: float
     ce_weight: float
@@ -143,10 +146,34 @@ def _loss_backward(ctx, grad_loss, _unused):
         # In-batch centroids with per-row outputs: the path through the
         # centroids no longer cancels (see docs/math.md).
         grad = grad + _batch_centroid_path(logits, target, grad_loss, ctx.args).to(grad.dtype)
-    return (grad,) + (None,) * 10
+    return (grad,) + (None,) * 11
 
 
 torch.library.register_autograd("mcmi::loss", _loss_backward, setup_context=_loss_setup_context)
+
+
+# torch.library's own autograd wrapper uses this guard; without it (a future
+# torch), dispatch still works, only through the Python autograd kernel.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """The registered autograd formula of mcmi::loss (same setup_context and
+    backward) as a plain autograd.Function: in eager mode it costs a fraction
+    of torch.library's per-call autograd wrapper. Traced calls use the op.
+
+    The op is dispatched below the autograd key (as torch.library does inside
+    its own wrapper), straight to the kernel rather than through its Python
+    autograd registration."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with _below_autograd():
+            output = torch.ops.mcmi.loss.default(*args)
+        _loss_setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(_loss_backward)
 
 
 def compute_dtype(logits: Tensor) -> torch.dtype:
@@ -155,14 +182,15 @@ def compute_dtype(logits: Tensor) -> torch.dtype:
 
 
 def prepare_centroids(centroids: Tensor | None, logits: Tensor) -> Tensor | None:
-    """Centroids as the kernels take them: detached, in the compute dtype."""
+    """Centroids as the kernels take them, in the compute dtype (constants:
+    the ops give them no gradient)."""
     if centroids is None:
         return None
     if not isinstance(centroids, Tensor):
         raise TypeError(f"centroids must be a Tensor or None, got {type(centroids).__name__}")
     if not centroids.is_floating_point():
         raise TypeError(f"centroids must be a floating-point tensor, got {centroids.dtype}")
-    return centroids.detach().to(compute_dtype(logits))
+    return centroids.to(compute_dtype(logits))
 
 
 def check_reduction(reduction: str) -> int:
@@ -192,8 +220,10 @@ def loss(
     ignore_index: int,
     reduction: str,
     num_classes: int | None = None,
+    log_centroids: bool = False,
 ) -> Tensor:
-    """``ce_weight * CE + cmi_weight * CMI`` through the fused op."""
+    """``ce_weight * CE + cmi_weight * CMI`` through the fused op. With
+    ``log_centroids``, ``centroids`` holds ``log max(Q, CENTROID_FLOOR)``."""
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError("logits and target must be tensors")
     code = check_reduction(reduction)
@@ -202,10 +232,11 @@ def loss(
     if num_classes is None:
         num_classes = q.shape[0] if q is not None and q.dim() == 2 else logits.shape[-1]
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    value, _ = torch.ops.mcmi.loss(
+    args = (
         logits,
         target,
         q,
+        bool(log_centroids),
         int(num_classes),
         temperature,
         float(ce_weight),
@@ -215,7 +246,9 @@ def loss(
         code,
         with_grad,
     )
-    return value
+    if with_grad and not torch.compiler.is_compiling():
+        return _EagerLoss.apply(*args)[0]
+    return torch.ops.mcmi.loss.default(*args)[0]
 
 
 def class_sums(

@@ -16,8 +16,9 @@ def problem():
 
 
 def op(logits, target, q, **kw):
-    args = dict(num_classes=5, temperature=1.0, ce_weight=1.0, cmi_weight=-0.25,
-                floor=CENTROID_FLOOR, ignore_index=-100, reduction=1, with_grad=False)  # fmt: skip
+    args = dict(log_centroids=False, num_classes=5, temperature=1.0, ce_weight=1.0,
+                cmi_weight=-0.25, floor=CENTROID_FLOOR, ignore_index=-100, reduction=1,
+                with_grad=False)  # fmt: skip
     args.update(kw)
     return torch.ops.mcmi.loss(logits, target, q, *args.values())
 
@@ -115,6 +116,8 @@ def test_bad_reduction_and_codes(problem):
         op(logits, target, q.float(), floor=0.0)
     with pytest.raises(RuntimeError, match="num_classes must be >= 1"):
         mcmi_torch.class_sums(logits, target, 0)
+    with pytest.raises(RuntimeError, match="log_centroids needs centroids"):
+        op(logits, target, None, log_centroids=True)
 
 
 def test_centroid_rows_must_be_probabilities(problem):

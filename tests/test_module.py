@@ -29,6 +29,30 @@ def test_fixed_centroids_are_renormalized_buffers():
     assert "lam=0.25" in repr(crit) and "'fixed'" in repr(crit)
 
 
+def test_cached_log_centroids_follow_the_buffer():
+    """The fixed mode feeds the kernel log Q, cached: every way the buffer can
+    change (in place, load_state_dict, assignment, .to) must be seen."""
+    logits, target, q = random_problem(40, 6)
+    crit = mcmi_torch.MCMILoss(0.5, q)
+
+    def check():
+        want = reference.mcmi_loss(logits.double(), target, 0.5, crit.centroids.double())
+        torch.testing.assert_close(crit(logits, target).double(), want, rtol=1e-5, atol=1e-6)
+
+    check()
+    other = torch.softmax(torch.randn(6, 6), 1)
+    with torch.no_grad():
+        crit.centroids.copy_(other)
+    check()
+    crit.load_state_dict({"centroids": torch.softmax(torch.randn(6, 6), 1)})
+    check()
+    crit.centroids = torch.softmax(torch.randn(6, 6), 1)
+    check()
+    crit.to(torch.float64)
+    logits = logits.double()
+    check()
+
+
 def test_ema_update_rule_and_no_grad_validation():
     logits, target, _ = random_problem(40, 5, ignore=0.0)
     crit = mcmi_torch.MCMILoss(0.3, "ema", num_classes=5, momentum=0.25)

@@ -273,6 +273,73 @@ static void test_f32_and_threads(void) {
   free_case(&c);
 }
 
+/* Centroids given as logs give the result of the probabilities they came
+ * from, float32 and float64, with and without a gradient. */
+static void test_log_centroids(void) {
+  case_t c = make_case(37, 300, 300, 2.0);
+  const int64_t n = c.rows, m = c.cols;
+  double *lq = malloc(sizeof(double) * (size_t)(m * m));
+  float *z32 = malloc(sizeof(float) * (size_t)(n * m));
+  float *q32 = malloc(sizeof(float) * (size_t)(m * m));
+  float *lq32 = malloc(sizeof(float) * (size_t)(m * m));
+  /* An exact zero (below the floor) in row 0, which still sums to 1. */
+  double row0 = 0.0;
+  c.q[5] = 0.0;
+  for (int64_t j = 0; j < m; ++j) {
+    row0 += c.q[j];
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    c.q[j] /= row0;
+  }
+  for (int64_t i = 0; i < m * m; ++i) {
+    lq[i] = log(fmax(c.q[i], 1e-12));
+    q32[i] = (float)c.q[i];
+    lq32[i] = (float)log(fmax((double)q32[i], 1e-12));
+  }
+  for (int64_t i = 0; i < n * m; ++i) {
+    z32[i] = (float)c.z[i];
+  }
+  for (int with_grad = 0; with_grad < 2; ++with_grad) {
+    mcmi_problem p = problem_f64(&c, 0, 1.7, 1.0, -0.4, 1);
+    double l_prob = 0, l_log = 0;
+    double *g1 = calloc((size_t)(n * m), sizeof(double));
+    double *g2 = calloc((size_t)(n * m), sizeof(double));
+    int64_t bad;
+    CHECK(run_loss(&p, &l_prob, with_grad ? g1 : NULL, 2, &bad) == MCMI_OK,
+          "probability centroids");
+    p.centroids = lq;
+    p.log_centroids = 1;
+    CHECK(run_loss(&p, &l_log, with_grad ? g2 : NULL, 2, &bad) == MCMI_OK,
+          "log centroids");
+    CHECK(rel_err(l_log, l_prob) < 1e-12, "log path %g vs %g", l_log, l_prob);
+    double worst = 0.0;
+    for (int64_t i = 0; i < n * m; ++i) {
+      worst = fmax(worst, fabs(g1[i] - g2[i]));
+    }
+    CHECK(worst < 1e-12, "log-path gradient off by %g", worst);
+    p.dtype = MCMI_FLOAT32;
+    p.logits = z32;
+    p.centroids = lq32;
+    float f_log = 0;
+    CHECK(run_loss(&p, &f_log, NULL, 1, &bad) == MCMI_OK, "f32 log path");
+    CHECK(rel_err(f_log, l_prob) < 1e-5, "f32 log path %g vs %g", (double)f_log,
+          l_prob);
+    free(g1);
+    free(g2);
+  }
+  mcmi_problem p = problem_f64(&c, 1, 1.0, 0.0, 1.0, 1);
+  p.log_centroids = 1;
+  double loss;
+  int64_t bad;
+  CHECK(run_loss(&p, &loss, NULL, 1, &bad) == MCMI_ERROR_ARGUMENT,
+        "log_centroids without centroids accepted");
+  free(lq);
+  free(z32);
+  free(q32);
+  free(lq32);
+  free_case(&c);
+}
+
 static void test_errors(void) {
   case_t c = make_case(6, 4, 3, 1.0);
   double loss[8], grad[32];
@@ -408,6 +475,7 @@ static void test_half_formats(void) {
 int main(void) {
   test_f64();
   test_f32_and_threads();
+  test_log_centroids();
   test_errors();
   test_nan_logits();
   test_class_sums();
