@@ -13,6 +13,11 @@ STABLE_TORCH_LIBRARY(mcmi, m) {
         "bool with_grad) -> (Tensor, Tensor)");
   // Backward of loss: grad *= scale, row by row (scale is 0-D or [B]).
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+  // EMA centroids in place: rows of the classes present in the batch move
+  // towards their batch mean softmax (the first sighting sets them).
+  m.def("ema_update_(Tensor(a!) centroids, Tensor(b!) seen, Tensor logits, "
+        "Tensor target, float temperature, float momentum, int ignore_index) "
+        "-> ()");
   // Per-class sums of softmax (or log-softmax) rows and per-class counts.
   m.def("class_sums(Tensor logits, Tensor target, int num_classes, "
         "float temperature, int ignore_index, bool log_probs) "

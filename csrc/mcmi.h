@@ -128,6 +128,25 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
                                 int64_t *counts, void *workspace,
                                 int num_threads, int64_t *bad_index);
 
+/* Bytes of scratch memory mcmi_cpu_ema_update needs. */
+size_t mcmi_cpu_ema_workspace(const mcmi_problem *p);
+
+/*
+ * In place, for every class c present among the valid rows, with b_c the
+ * mean of softmax(z_i / T) over its rows:
+ *   centroids[c] = seen[c] ? centroids[c] + momentum (b_c - centroids[c])
+ *                          : b_c,          seen[c] = 1.
+ * Rows of absent classes are left as they are: O(rows * cols + classes).
+ * centroids: [classes, cols], row stride centroids_stride, float64 for
+ * float64 logits and float32 otherwise; seen: [classes] bytes (0 or 1).
+ * Only rows, cols, classes, dtype, logits, target, temperature and
+ * ignore_index of p are read. Bitwise identical for every num_threads.
+ */
+mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
+                                void *centroids, int64_t centroids_stride,
+                                uint8_t *seen, void *workspace, int num_threads,
+                                int64_t *bad_index);
+
 /*
  * In place: x[i, :] *= scale[i * scale_stride] for every row, with
  * scale_stride 0 for one scale for all rows. x and scale share `dtype`;

@@ -349,6 +349,63 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
   return MCMI_OK;
 }
 
+/* The EMA update works on the layout of an in-batch loss without gradient. */
+static mcmi_problem batch_problem(const mcmi_problem *p) {
+  mcmi_problem b = *p;
+  b.centroids = NULL;
+  b.log_centroids = 0;
+  b.ce_weight = 0.0;
+  return b;
+}
+
+size_t mcmi_cpu_ema_workspace(const mcmi_problem *p) {
+  if (!problem_ok(p)) {
+    return 0;
+  }
+  const mcmi_problem b = batch_problem(p);
+  return make_loss_layout(&b, 1, 0).total;
+}
+
+mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
+                                void *centroids, int64_t centroids_stride,
+                                uint8_t *seen, void *workspace, int num_threads,
+                                int64_t *bad_index) {
+  if (!problem_ok(p) || centroids == NULL || seen == NULL ||
+      workspace == NULL || !(momentum > 0.0 && momentum <= 1.0)) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  const mcmi_status st =
+      mcmi_check_targets(p->target, p->target_stride, p->rows, p->classes,
+                         p->ignore_index, NULL, bad_index);
+  if (st != MCMI_OK) {
+    return st;
+  }
+  const mcmi_problem b = batch_problem(p);
+  const loss_layout lay = make_loss_layout(&b, 1, 0);
+  const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
+  const int nt = effective_threads(num_threads, extent, p->cols);
+  char *ws = (char *)workspace;
+  switch (p->dtype) {
+  case MCMI_FLOAT32:
+    ema_update_f32(&b, &lay, momentum, (float *)centroids, centroids_stride,
+                   seen, ws, nt);
+    return MCMI_OK;
+  case MCMI_FLOAT64:
+    ema_update_f64(&b, &lay, momentum, (double *)centroids, centroids_stride,
+                   seen, ws, nt);
+    return MCMI_OK;
+  case MCMI_BFLOAT16:
+    ema_update_bf16(&b, &lay, momentum, (float *)centroids, centroids_stride,
+                    seen, ws, nt);
+    return MCMI_OK;
+  case MCMI_FLOAT16:
+    ema_update_f16(&b, &lay, momentum, (float *)centroids, centroids_stride,
+                   seen, ws, nt);
+    return MCMI_OK;
+  }
+  return MCMI_ERROR_ARGUMENT;
+}
+
 mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
                                 int64_t cols, int64_t stride, const void *scale,
                                 int64_t scale_stride, int num_threads) {

@@ -349,6 +349,42 @@ static mcmi_status FN(loss)(const mcmi_problem *p, const loss_layout *lay,
   return MCMI_OK;
 }
 
+/* The EMA update of mcmi_cpu_ema_update, on a batch-mode loss layout. */
+static void FN(ema_update)(const mcmi_problem *p, const loss_layout *lay,
+                           double momentum, ACC_T *q, int64_t q_stride,
+                           uint8_t *seen, char *ws, int nt) {
+  const int64_t cols = p->cols;
+  int64_t *map = (int64_t *)(ws + lay->class_map);
+  int64_t *count = (int64_t *)(ws + lay->slot_count);
+  int64_t *slots = (int64_t *)(ws + lay->slot);
+  ACC_T *sums = (ACC_T *)(ws + lay->batch_q);
+  const int64_t nslots = assign_slots(p, map, slots, count);
+  FN(class_accumulate)(p, slots, nslots, sums, cols,
+                       (double *)(ws + lay->row_val),
+                       (double *)(ws + lay->row_qsum), 0, nt);
+  const ACC_T mom = (ACC_T)momentum;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < p->classes; ++c) {
+    const int64_t slot = map[c];
+    if (slot < 0) {
+      continue;
+    }
+    const ACC_T inv_n = (ACC_T)(1.0 / (double)count[slot]);
+    const ACC_T *b = sums + slot * cols;
+    ACC_T *row = q + c * q_stride;
+    if (seen[c]) {
+      for (int64_t j = 0; j < cols; ++j) {
+        row[j] += mom * (b[j] * inv_n - row[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        row[j] = b[j] * inv_n;
+      }
+    }
+    seen[c] = 1;
+  }
+}
+
 MCMI_CLONES static void FN(scale_row)(LOGIT_T *r, int64_t cols, ACC_T k) {
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {

@@ -101,6 +101,36 @@ class_sums_cpu(Tensor logits, Tensor target, int64_t num_classes,
   return std::make_tuple(sums, counts);
 }
 
+void ema_update_cpu(Tensor centroids, Tensor seen, Tensor logits, Tensor target,
+                    double temperature, double momentum, int64_t ignore_index) {
+  MCMI_CHECK(centroids.dim() == 2, "mcmi: centroids must be 2-D");
+  Inputs in = make_inputs(logits, target, centroids, centroids.size(0),
+                          temperature, ignore_index);
+  MCMI_CHECK(logits.is_cpu(), "mcmi: this build has no kernel for the "
+                              "device of logits");
+  MCMI_CHECK(centroids.size(1) <= 1 || centroids.stride(1) == 1,
+             "mcmi: EMA centroids must have unit column stride");
+  MCMI_CHECK(seen.dim() == 1 && seen.size(0) == centroids.size(0) &&
+                 seen.scalar_type() == ScalarType::Bool,
+             "mcmi: seen must be a bool tensor with one entry per class");
+  check_same_device(logits, seen, "seen");
+  MCMI_CHECK(momentum > 0.0 && momentum <= 1.0,
+             "mcmi: momentum must be in (0, 1], got ", momentum);
+  mcmi_problem &p = in.problem;
+  bind_pointers(in);
+  Tensor seen_c = torch::stable::contiguous(seen);
+  Tensor ws = workspace(logits, mcmi_cpu_ema_workspace(&p));
+  int64_t bad = -1;
+  const mcmi_status st = mcmi_cpu_ema_update(
+      &p, momentum, centroids.mutable_data_ptr(), centroids.stride(0),
+      static_cast<uint8_t *>(seen_c.mutable_data_ptr()), ws.mutable_data_ptr(),
+      torch_threads(), &bad);
+  check_status(st, bad, p.classes, ignore_index);
+  if (seen_c.data_ptr() != seen.data_ptr()) {
+    torch::stable::copy_(seen, seen_c);
+  }
+}
+
 } // namespace
 } // namespace mcmi_shim
 
@@ -108,4 +138,5 @@ STABLE_TORCH_LIBRARY_IMPL(mcmi, CPU, m) {
   m.impl("loss", TORCH_BOX(&mcmi_shim::loss_cpu));
   m.impl("scale_grad_", TORCH_BOX(&mcmi_shim::scale_grad_cpu));
   m.impl("class_sums", TORCH_BOX(&mcmi_shim::class_sums_cpu));
+  m.impl("ema_update_", TORCH_BOX(&mcmi_shim::ema_update_cpu));
 }

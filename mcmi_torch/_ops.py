@@ -54,6 +54,11 @@ def _scale_grad_fake(grad, scale):
     return None
 
 
+@torch.library.register_fake("mcmi::ema_update_")
+def _ema_update_fake(centroids, seen, logits, target, temperature, momentum, ignore_index):
+    return None
+
+
 @torch.library.register_fake("mcmi::class_sums")
 def _class_sums_fake(logits, target, num_classes, temperature, ignore_index, log_probs):
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -80,6 +85,9 @@ def _loss_setup_context(ctx, inputs, output):
     logits, target, centroids, *args = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # The kept gradient is an output no one differentiates: without this,
+    # autograd would hand backward a zero-filled [B, C] tensor for it.
+    ctx.set_materialize_grads(False)
     ctx.args = _LossArgs(*args)
     ctx.unit_grad_used = False
     # Centroids are only read again if a second backward recomputes the
@@ -130,6 +138,8 @@ def _recompute(ctx, logits, target):
 
 
 def _loss_backward(ctx, grad_loss, _unused):
+    if grad_loss is None:
+        return (None,) * 12
     grad, logits, target = ctx.saved_tensors
     tracing = type(grad_loss) is not Tensor
     if not ctx.args.with_grad or (ctx.unit_grad_used and not tracing):

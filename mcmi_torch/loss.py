@@ -183,6 +183,18 @@ class MCMILoss(nn.Module):
 
     @torch.no_grad()
     def _update(self, logits: Tensor, target: Tensor) -> None:
+        if not is_distributed() and self.centroids.dtype == _ops.compute_dtype(logits):
+            # One fused kernel, touching only the rows of the classes present.
+            torch.ops.mcmi.ema_update_(
+                self.centroids,
+                self.seen,
+                logits.detach(),
+                target,
+                self.temperature,
+                self.momentum,
+                self.ignore_index,
+            )
+            return
         batch, counts = self._batch_centroids(logits, target)
         present = counts > 0
         old = self.centroids

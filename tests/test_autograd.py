@@ -53,6 +53,15 @@ def test_opcheck_class_sums(log_probs):
     )
 
 
+def test_opcheck_ema_update():
+    logits, target, q = random_problem(30, 8)
+    seen = torch.zeros(8, dtype=torch.bool)
+    seen[:4] = True
+    torch.library.opcheck(
+        torch.ops.mcmi.ema_update_.default, (q.float(), seen, logits, target, 2.0, 0.1, -100)
+    )
+
+
 @pytest.mark.parametrize("per_row", [False, True])
 def test_opcheck_scale_grad(per_row):
     grad = torch.randn(6, 9)

@@ -149,3 +149,18 @@ def test_module_arguments():
         mcmi_torch.MCMILoss(0.2, "fixed")
     with pytest.raises(TypeError, match="logits and target must be tensors"):
         mcmi_torch.cmi([[0.0]], torch.zeros(1, dtype=torch.long))
+
+
+def test_ema_update_arguments(problem):
+    logits, target, q = problem
+    q = q.float()
+    seen = torch.zeros(5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="seen must be a bool tensor"):
+        torch.ops.mcmi.ema_update_(q, seen.long(), logits, target, 1.0, 0.1, -100)
+    with pytest.raises(RuntimeError, match="momentum must be in"):
+        torch.ops.mcmi.ema_update_(q, seen, logits, target, 1.0, 0.0, -100)
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        torch.ops.mcmi.ema_update_(q.t(), seen, logits, target, 1.0, 0.1, -100)
+    target[1] = 9
+    with pytest.raises(RuntimeError, match=r"target\[1\] is out of range"):
+        torch.ops.mcmi.ema_update_(q, seen, logits, target, 1.0, 0.1, -100)

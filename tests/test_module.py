@@ -77,6 +77,23 @@ def test_ema_update_rule_and_no_grad_validation():
     assert torch.equal(crit.centroids[1:], before[1:])
 
 
+def test_fused_ema_update_matches_the_sums_path(monkeypatch):
+    """One process uses the fused ema_update_ kernel; DDP (forced here) the
+    class sums + all_reduce path: both follow the same rule."""
+    fused = mcmi_torch.MCMILoss(0.3, "ema", num_classes=7, momentum=0.2, temperature=2.0)
+    summed = mcmi_torch.MCMILoss(0.3, "ema", num_classes=7, momentum=0.2, temperature=2.0)
+    for step in range(4):
+        logits, target, _ = random_problem(30, 7, seed=step)
+        target[target == 3] = 2  # class 3 never appears
+        fused(logits, target)
+        with monkeypatch.context() as m:
+            m.setattr(mcmi_torch.loss, "is_distributed", lambda: True)
+            summed(logits, target)
+        torch.testing.assert_close(fused.centroids, summed.centroids, rtol=1e-6, atol=1e-7)
+        assert torch.equal(fused.seen, summed.seen)
+    assert not fused.seen[3] and torch.equal(fused.centroids[3], torch.full((7,), 1 / 7))
+
+
 def test_state_dict_round_trip_with_weights_only():
     crit = mcmi_torch.MCMILoss(0.3, "ema", num_classes=4)
     crit(torch.randn(16, 4), torch.randint(0, 4, (16,)))

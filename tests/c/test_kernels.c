@@ -448,6 +448,72 @@ static void test_class_sums(void) {
   free_case(&c);
 }
 
+/* EMA update: first sighting sets the row, later ones blend, absent classes
+ * stay; against the definition, and the same for 1 and 3 threads. */
+static void test_ema_update(void) {
+  case_t c = make_case(40, 11, 6, 1.5);
+  for (int64_t i = 0; i < c.rows; ++i) {
+    c.y[i] = c.y[i] == 5 ? 4 : c.y[i]; /* class 5 never appears */
+  }
+  mcmi_problem p = problem_f64(&c, 1, 2.0, 0.0, 0.0, 1);
+  double q[66], q3[66], want[66];
+  uint8_t seen[6] = {1, 0, 1, 0, 1, 1}, seen3[6];
+  for (int64_t k = 0; k < 66; ++k) {
+    q[k] = want[k] = 1.0 / 11.0 + 0.001 * (double)k;
+  }
+  for (int64_t k = 0; k < 6; ++k) {
+    double b[11] = {0};
+    int64_t n = 0;
+    for (int64_t i = 0; i < c.rows; ++i) {
+      if (c.y[i] != k) {
+        continue;
+      }
+      double mx = -INFINITY, s = 0.0;
+      for (int64_t j = 0; j < 11; ++j) {
+        mx = fmax(mx, c.z[i * 11 + j] / 2.0);
+      }
+      for (int64_t j = 0; j < 11; ++j) {
+        s += exp(c.z[i * 11 + j] / 2.0 - mx);
+      }
+      for (int64_t j = 0; j < 11; ++j) {
+        b[j] += exp(c.z[i * 11 + j] / 2.0 - mx) / s;
+      }
+      ++n;
+    }
+    for (int64_t j = 0; n > 0 && j < 11; ++j) {
+      want[k * 11 + j] =
+          seen[k]
+              ? want[k * 11 + j] + 0.3 * (b[j] / (double)n - want[k * 11 + j])
+              : b[j] / (double)n;
+    }
+  }
+  memcpy(q3, q, sizeof q);
+  memcpy(seen3, seen, sizeof seen);
+  void *ws = aligned_alloc(64, (mcmi_cpu_ema_workspace(&p) + 127) / 64 * 64);
+  int64_t bad;
+  CHECK(mcmi_cpu_ema_update(&p, 0.3, q, 11, seen, ws, 1, &bad) == MCMI_OK,
+        "ema status");
+  CHECK(mcmi_cpu_ema_update(&p, 0.3, q3, 11, seen3, ws, 3, &bad) == MCMI_OK,
+        "ema status (3 threads)");
+  CHECK(memcmp(q, q3, sizeof q) == 0, "ema depends on the thread count");
+  double worst = 0.0;
+  for (int64_t k = 0; k < 66; ++k) {
+    worst = fmax(worst, fabs(q[k] - want[k]));
+  }
+  CHECK(worst < 1e-12, "ema off by %g", worst);
+  CHECK(seen[0] && seen[1] && seen[3] && seen[5], "seen flags");
+  CHECK(mcmi_cpu_ema_update(&p, 0.0, q, 11, seen, ws, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "momentum 0 accepted");
+  c.y[3] = 6;
+  CHECK(mcmi_cpu_ema_update(&p, 0.3, q, 11, seen, ws, 1, &bad) ==
+                MCMI_ERROR_TARGET &&
+            bad == 3,
+        "bad label not reported");
+  free(ws);
+  free_case(&c);
+}
+
 static void test_half_formats(void) {
   int bad16 = 0, badbf = 0;
   for (uint32_t h = 0; h < 65536; ++h) {
@@ -479,6 +545,7 @@ int main(void) {
   test_errors();
   test_nan_logits();
   test_class_sums();
+  test_ema_update();
   test_half_formats();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures ? 1 : 0;

@@ -1,0 +1,365 @@
+"""Fused CE + CMI, forward + backward: mcmi-torch against the PyTorch a user writes.
+
+The baseline is the MCMI authors' formulation, timed eagerly and under torch.compile:
+    F.cross_entropy(z, y) - lam * F.kl_div(Q[y].log(), F.log_softmax(z, 1),
+                                           log_target=True, reduction='batchmean')
+with fixed centroids (the paper's recipe), plus in-batch and EMA centroids written the
+same way. All three run in this process on the same inputs; the table gives medians,
+ratios (baseline time / ours), the bandwidth ours reaches on the bytes that must move
+(read z, read the used rows of Q, write the gradient) against a copy measured in the
+same run, and the peak extra memory of one forward + backward (fresh subprocesses).
+
+    python benchmarks/bench_loss.py                    # CPU, torch's thread count
+    python benchmarks/bench_loss.py --threads 2 --out benchmarks/results
+    python benchmarks/bench_loss.py --device cuda      # where a GPU and CUDA kernels exist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mcmi_torch
+
+LAM = 0.25
+MAIN_SHAPES = [(64, 100), (256, 1000), (4096, 8192)]
+SWEEP_BATCH = 256
+SWEEP_CLASSES = [10, 32, 100, 316, 1000, 3162, 10000, 32768]
+
+
+# ---------------------------------------------------------------- baselines
+def authors_fixed(z, y, q):
+    return mcmi_torch.reference.authors_loss(z, y, LAM, q)
+
+
+def authors_batch(z, y, num_classes):
+    """The same formulation with in-batch centroids (index_add class means)."""
+    logp = F.log_softmax(z, 1)
+    p = logp.exp()
+    sums = p.new_zeros(num_classes, z.shape[1]).index_add(0, y, p)
+    counts = torch.bincount(y, minlength=num_classes).clamp_min(1).unsqueeze(1)
+    q = sums / counts
+    kl = F.kl_div(q[y].log(), logp, log_target=True, reduction="batchmean")
+    return F.cross_entropy(z, y) - LAM * kl
+
+
+def authors_ema(z, y, buffer, momentum=0.1):
+    """Fixed-formula loss on an EMA buffer, then the buffer's update."""
+    loss = authors_fixed(z, y, buffer)
+    with torch.no_grad():
+        p = F.softmax(z, 1)
+        sums = p.new_zeros(buffer.shape).index_add(0, y, p)
+        counts = torch.bincount(y, minlength=buffer.shape[0])
+        present = (counts > 0).unsqueeze(1)
+        batch = sums / counts.clamp_min(1).unsqueeze(1)
+        buffer.copy_(torch.where(present, buffer + momentum * (batch - buffer), buffer))
+    return loss
+
+
+def make_impls(mode: str, q: torch.Tensor, num_classes: int, compiled: dict):
+    """(ours, eager, compiled) callables of (z, y) for one centroid mode."""
+    if mode == "fixed":
+        ours = mcmi_torch.MCMILoss(LAM, q)
+
+        def eager(z, y):
+            return authors_fixed(z, y, q)
+
+        key, fn, extra = "fixed", authors_fixed, (q,)
+    elif mode == "batch":
+        ours = mcmi_torch.MCMILoss(LAM, "batch", num_classes=num_classes)
+
+        def eager(z, y):
+            return authors_batch(z, y, num_classes)
+
+        key, fn, extra = "batch", authors_batch, (num_classes,)
+    else:
+        ours = mcmi_torch.MCMILoss(LAM, "ema", num_classes=num_classes).to(q.device)
+        buffer = torch.full_like(q, 1.0 / num_classes)
+
+        def eager(z, y):
+            return authors_ema(z, y, buffer)
+
+        key, fn, extra = "ema", authors_ema, (buffer.clone(),)
+    if key not in compiled:
+        compiled[key] = torch.compile(fn, dynamic=True)
+    comp = compiled[key]
+
+    def compiled_call(z, y):
+        return comp(z, y, *extra)
+
+    return ours, eager, compiled_call
+
+
+# ---------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, z, y, device, budget: float) -> float:
+    """Median seconds of forward + backward, after warm-up, within ~budget s."""
+
+    def step():
+        loss = fn(z, y)
+        loss.backward()
+        z.grad = None
+
+    for _ in range(3):
+        step()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 2000):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes: int = 256 << 20) -> float:
+    """Bytes per second (read + write) of a large tensor copy, median of 10."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def inputs(rows, cols, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = (2 * torch.randn(rows, cols, generator=g)).to(device).requires_grad_(True)
+    y = torch.randint(0, cols, (rows,), generator=g).to(device)
+    q = torch.softmax(torch.randn(cols, cols, generator=g), 1).to(device)
+    return z, y, q
+
+
+# ---------------------------------------------------------------- memory
+PEAK_SNIPPET = r"""
+import gc, json, sys, torch
+sys.path.insert(0, {bench_dir!r})
+import bench_loss as b
+torch.set_num_threads({threads})
+rows, cols, impl, mode = {rows}, {cols}, {impl!r}, {mode!r}
+device = torch.device({device!r})
+z, y, q = b.inputs(rows, cols, device)
+fn = b.make_impls(mode, q, cols, {{}})[("ours", "eager", "compiled").index(impl)]
+fn(z, y).backward()  # warm-up on this very shape: compilation, caches
+z.grad = None
+gc.collect()
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+if device.type == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+else:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM)
+    base = status("VmRSS:")
+loss = fn(z, y)
+loss.backward()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+else:
+    peak = status("VmHWM:") - base
+print(json.dumps({{"peak_extra_bytes": peak}}))
+"""
+
+
+def peak_extra_memory(rows, cols, impl, mode, device, threads) -> int:
+    """Peak bytes above the inputs of one forward + backward, in a fresh
+    process after a warm-up on the same shape (CPU: growth of the peak
+    resident set, Linux; CUDA: allocator peak). The gradient of z that
+    backward leaves behind is included."""
+    code = PEAK_SNIPPET.format(
+        bench_dir=str(pathlib.Path(__file__).parent),
+        threads=threads,
+        rows=rows,
+        cols=cols,
+        impl=impl,
+        mode=mode,
+        device=str(device),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# ---------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--budget", type=float, default=0.4, help="seconds per measurement")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth(device)
+    machine = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "cpu_model": _cpu_model(),
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    print(f"# {machine}")
+
+    compiled: dict = {}
+    rows_out = []
+    cases = [(r, c, m) for (r, c) in MAIN_SHAPES for m in ("fixed", "batch", "ema")]
+    cases += [
+        (SWEEP_BATCH, c, "fixed") for c in SWEEP_CLASSES if (SWEEP_BATCH, c) not in MAIN_SHAPES
+    ]
+    for rows, cols, mode in cases:
+        z, y, q = inputs(rows, cols, device)
+        ours, eager, comp = make_impls(mode, q, cols, compiled)
+        budget = args.budget if rows * cols < 10**7 else args.budget * 2
+        t = {
+            name: median_time(fn, z, y, device, budget)
+            for name, fn in (("ours", ours), ("eager", eager), ("compiled", comp))
+        }
+        elem = z.element_size()
+        must_move = rows * cols * (elem + q.element_size() + elem)
+        row = {
+            "rows": rows,
+            "cols": cols,
+            "mode": mode,
+            "ours_ms": 1e3 * t["ours"],
+            "eager_ms": 1e3 * t["eager"],
+            "compiled_ms": 1e3 * t["compiled"],
+            "vs_eager": t["eager"] / t["ours"],
+            "vs_compiled": t["compiled"] / t["ours"],
+            "ours_GBps": must_move / t["ours"] / 1e9,
+            "of_copy_bandwidth": must_move / t["ours"] / bandwidth,
+        }
+        rows_out.append(row)
+        print(
+            f"{rows:5d} x {cols:6d} {mode:5s}  ours {row['ours_ms']:9.3f} ms  "
+            f"eager {row['eager_ms']:9.3f} ms ({row['vs_eager']:5.2f}x)  "
+            f"compiled {row['compiled_ms']:9.3f} ms ({row['vs_compiled']:5.2f}x)  "
+            f"{row['ours_GBps']:6.2f} GB/s = {100 * row['of_copy_bandwidth']:5.1f}% of copy",
+            flush=True,
+        )
+
+    memory = []
+    if not args.no_memory:
+        rows, cols = MAIN_SHAPES[-1]
+        logits_bytes = rows * cols * 4
+        for impl in ("ours", "eager", "compiled"):
+            peak = peak_extra_memory(rows, cols, impl, "fixed", device, args.threads)
+            buffers = peak / logits_bytes
+            memory.append(
+                {"impl": impl, "peak_extra_MB": peak / 2**20, "logits_sized_buffers": buffers}
+            )
+            print(
+                f"peak extra memory, {rows} x {cols} fixed, {impl:8s}: "
+                f"{peak / 2**20:8.1f} MB = {buffers:4.2f} logits-sized buffers"
+            )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine, "results": rows_out, "memory": memory,
+              "seconds": time.perf_counter() - started}  # fmt: skip
+    tag = device.type
+    (args.out / f"bench_{tag}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"bench_{tag}.md").write_text(markdown(result))
+    plot(rows_out, args.out / f"bench_{tag}.png", machine)
+    print(f"\n{time.perf_counter() - started:.0f} s; wrote {args.out}/bench_{tag}.{{json,md,png}}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Machine: {m.get('gpu', m['cpu_model'])}, {m['threads']} threads, torch {m['torch']}, "
+        f"Python {m['python']}; copy bandwidth {m['copy_bandwidth_GBps']:.1f} GB/s (read + write).",
+        "",
+        "| B x C | centroids | ours (ms) | eager (ms) | compiled (ms) | vs eager | vs compiled "
+        "| GB/s | % of copy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['rows']} x {r['cols']} | {r['mode']} | {r['ours_ms']:.3f} | {r['eager_ms']:.3f} "
+            f"| {r['compiled_ms']:.3f} | {r['vs_eager']:.2f}x | {r['vs_compiled']:.2f}x "
+            f"| {r['ours_GBps']:.1f} | {100 * r['of_copy_bandwidth']:.0f}% |"
+        )
+    if result["memory"]:
+        lines += ["", "| peak extra memory, 4096 x 8192, fixed | MB | logits-sized buffers |",
+                  "|---|---|---|"]  # fmt: skip
+        for r in result["memory"]:
+            lines.append(
+                f"| {r['impl']} | {r['peak_extra_MB']:.0f} | {r['logits_sized_buffers']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path, machine) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = sorted(
+        (r for r in rows if r["rows"] == SWEEP_BATCH and r["mode"] == "fixed"),
+        key=lambda r: r["cols"],
+    )
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cols = [r["cols"] for r in sweep]
+    for key, label in (("ours_ms", "mcmi-torch"), ("eager_ms", "eager PyTorch"),
+                       ("compiled_ms", "torch.compile")):  # fmt: skip
+        ax.loglog(cols, [r[key] for r in sweep], marker="o", label=label)
+    ax.set_xlabel("classes C (B = 256, fixed centroids)")
+    ax.set_ylabel("forward + backward, median (ms)")
+    where = machine.get("gpu", machine["cpu_model"])
+    ax.set_title(f"CE - lam * CMI on {machine['device']}: {where}, {machine['threads']} threads",
+                 fontsize=9)  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    main()
