@@ -61,9 +61,10 @@ static size_t acc_size(mcmi_dtype dtype) {
   return dtype == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
-/* Fewer threads for small problems: forking costs more than it saves. */
+/* Fewer threads for small problems (one per 4096 elements): forking costs
+ * more than it saves below that. */
 static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
-  const int64_t per_thread = 16384;
+  const int64_t per_thread = 4096;
   int64_t useful = (rows * cols + per_thread - 1) / per_thread;
   if (useful < 1) {
     useful = 1;

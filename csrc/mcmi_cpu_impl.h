@@ -152,9 +152,14 @@ MCMI_CLONES static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
    * with d_b = (m_b - M) / T. */
   double s = 0.0, a = 0.0, s1 = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
+    /* The block holding the maximum (the only one of short rows) has
+     * r = 1 exactly: no call to exp. */
+    const int at_max = stats[b].m == big_m;
     const double d = (stats[b].m - big_m) * (double)inv_t;
-    stats[b].r = exp(d);
-    stats[b].r1 = separate_ce ? exp(stats[b].m - big_m) : stats[b].r;
+    stats[b].r = at_max ? 1.0 : exp(d);
+    stats[b].r1 = !separate_ce ? stats[b].r
+                  : at_max     ? 1.0
+                               : exp(stats[b].m - big_m);
     s += stats[b].r * stats[b].s;
     a += stats[b].r * (stats[b].a + stats[b].s * d);
     s1 += stats[b].r1 * stats[b].s1;
