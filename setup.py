@@ -3,7 +3,11 @@
 Build without isolation, against the torch you run:
     pip install --no-build-isolation .
 Environment:
-    FORCE_CUDA=1          build the CUDA kernels even if torch reports no GPU
+    FORCE_CUDA=1          build the CUDA kernels even where no GPU is visible (needs a
+                          CUDA build of torch and nvcc); by default they are built when
+                          torch has CUDA and sees a GPU
+    TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0+PTX": A100, H100/H200,
+                          and PTX for newer GPUs)
     MCMI_DEBUG=1          -O0 -g
 """
 
@@ -13,7 +17,14 @@ import sysconfig
 from setuptools import find_packages, setup
 
 try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
+    import torch
+    from torch.utils.cpp_extension import (
+        CUDA_HOME,
+        BuildExtension,
+        CppExtension,
+        CUDAExtension,
+        include_paths,
+    )
 except ImportError as exc:  # pragma: no cover - build-time guidance only
     raise SystemExit(
         "mcmi-torch compiles against the torch you run: install torch first, "
@@ -65,15 +76,34 @@ class BuildExt(BuildExtension):
         super().build_extensions()
 
 
+def with_cuda() -> bool:
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
 def extensions():
+    sources = [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops_cpu.cpp")]
+    common = dict(
+        include_dirs=[os.path.join(ROOT, CSRC)],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+    if not with_cuda():
+        return [
+            CppExtension("mcmi_torch._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, **common)
+        ]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    cuda_sources = [os.path.join(CSRC, "cuda", "mcmi_cuda.cu"), os.path.join(CSRC, "ops_cuda.cpp")]
     return [
-        CppExtension(
+        CUDAExtension(
             "mcmi_torch._C",
-            [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops_cpu.cpp")],
-            include_dirs=[os.path.join(ROOT, CSRC)],
-            extra_compile_args={"cxx": CXX_FLAGS},
-            extra_link_args=["-fopenmp"],
-            py_limited_api=True,
+            sources + cuda_sources,
+            extra_compile_args={
+                "cxx": [*CXX_FLAGS, "-DUSE_CUDA"],
+                "nvcc": ["-std=c++17", *OPT, "-DUSE_CUDA"],
+            },
+            **common,
         )
     ]
 

@@ -189,6 +189,83 @@ inline void check_weights(const mcmi_problem &p, double ce_weight,
              "mcmi: centroid floor must be in (0, 1), got ", floor);
 }
 
+inline Tensor workspace(const Tensor &like, size_t bytes) {
+  return torch::stable::new_empty(
+      like, {static_cast<int64_t>(bytes > 0 ? bytes : 1)}, ScalarType::Byte);
+}
+
+// Everything of mcmi::loss but the kernel: validated inputs, a bound
+// problem, and the outputs (loss: 0-D or [B]; grad: [B, C] or empty).
+struct LossCall {
+  Inputs in;
+  Tensor loss;
+  Tensor grad;
+  int64_t loss_stride;
+};
+
+inline LossCall prepare_loss(const Tensor &logits, const Tensor &target,
+                             const std::optional<Tensor> &centroids,
+                             bool log_centroids, int64_t num_classes,
+                             double temperature, double ce_weight,
+                             double cmi_weight, double floor,
+                             int64_t ignore_index, int64_t reduction,
+                             bool with_grad) {
+  Inputs in = make_inputs(logits, target, centroids, num_classes, temperature,
+                          ignore_index);
+  mcmi_problem &p = in.problem;
+  check_weights(p, ce_weight, cmi_weight, floor);
+  p.reduction = check_reduction(reduction);
+  MCMI_CHECK(!log_centroids || centroids.has_value(),
+             "mcmi: log_centroids needs centroids");
+  p.log_centroids = log_centroids ? 1 : 0;
+  p.ce_weight = ce_weight;
+  p.cmi_weight = cmi_weight;
+  p.floor = floor;
+  bind_pointers(in);
+  const bool per_row = p.reduction == MCMI_REDUCTION_NONE;
+  Tensor loss = per_row
+                    ? torch::stable::new_empty(logits, {p.rows})
+                    : torch::stable::new_empty(logits, std::vector<int64_t>{});
+  Tensor grad = with_grad ? torch::stable::new_empty(logits, {p.rows, p.cols})
+                          : torch::stable::new_empty(logits, {0});
+  const int64_t loss_stride = per_row ? loss.stride(0) : 0;
+  return LossCall{in, loss, grad, loss_stride};
+}
+
+// Checks of mcmi::scale_grad_ and mcmi::ema_update_ shared by the devices.
+inline void check_scale_args(const Tensor &grad, const Tensor &scale) {
+  MCMI_CHECK(grad.dim() == 2, "mcmi: grad must be 2-D");
+  MCMI_CHECK(grad.size(1) <= 1 || grad.stride(1) == 1,
+             "mcmi: grad must have unit column stride");
+  MCMI_CHECK(scale.scalar_type() == grad.scalar_type(),
+             "mcmi: scale must have the dtype of grad");
+  check_same_device(grad, scale, "scale");
+  MCMI_CHECK(scale.dim() == 0 ||
+                 (scale.dim() == 1 && scale.size(0) == grad.size(0)),
+             "mcmi: scale must be 0-D or hold one value per row of grad");
+}
+
+inline Inputs ema_inputs(const Tensor &centroids, const Tensor &seen,
+                         const Tensor &logits, const Tensor &target,
+                         double temperature, double momentum,
+                         int64_t ignore_index) {
+  MCMI_CHECK(centroids.dim() == 2, "mcmi: centroids must be 2-D");
+  Inputs in = make_inputs(logits, target, centroids, centroids.size(0),
+                          temperature, ignore_index);
+  MCMI_CHECK(centroids.size(1) <= 1 || centroids.stride(1) == 1,
+             "mcmi: EMA centroids must have unit column stride");
+  MCMI_CHECK(seen.dim() == 1 && seen.size(0) == centroids.size(0) &&
+                 seen.scalar_type() == ScalarType::Bool,
+             "mcmi: seen must be a bool tensor with one entry per class");
+  MCMI_CHECK(seen.size(0) <= 1 || seen.stride(0) == 1,
+             "mcmi: seen must be contiguous");
+  check_same_device(logits, seen, "seen");
+  MCMI_CHECK(momentum > 0.0 && momentum <= 1.0,
+             "mcmi: momentum must be in (0, 1], got ", momentum);
+  bind_pointers(in);
+  return in;
+}
+
 // Throws the message that belongs to a kernel status.
 inline void check_status(mcmi_status st, int64_t bad, int64_t classes,
                          int64_t ignore_index) {

@@ -15,7 +15,7 @@ holds, the teacher's unique information the knowledge left to distil.
 Since H(Y) is fixed by the marginals, the minimization is the maximization of the concave
 conditional entropy H_Q(Y | T, S) over a polytope: an exponential-cone program, solved here by
 cvxpy with the Clarabel interior-point solver (a maintained, general conic solver whose
-tolerances are set to 1e-9; see docs/pid.md). Install with ``pip install mcmi-torch[pid]``.
+tolerances are set to 1e-8; see docs/pid.md). Install with ``pip install mcmi-torch[pid]``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _solve_min_synergy(p: np.ndarray) -> np.ndarray:
         cp.Maximize(-cp.sum(cp.rel_entr(q, q_ts))),
         [a_ty @ q == pty.ravel()[ty_keys], a_sy @ q == psy.ravel()[sy_keys]],
     )
-    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-9, tol_gap_rel=1e-9, tol_feas=1e-9)
+    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-8, tol_gap_rel=1e-8, tol_feas=1e-8)
     if problem.status not in ("optimal", "optimal_inaccurate"):
         raise RuntimeError(f"the PID optimization did not converge: {problem.status}")
     out = np.zeros_like(p)
