@@ -53,22 +53,18 @@ std::tuple<Tensor, Tensor>
 class_sums_cpu(Tensor logits, Tensor target, int64_t num_classes,
                double temperature, int64_t ignore_index, bool log_probs) {
   check_cpu(logits, "logits");
-  Inputs in = make_inputs(logits, target, std::nullopt, num_classes,
-                          temperature, ignore_index);
-  mcmi_problem &p = in.problem;
-  bind_pointers(in);
-  Tensor sums = torch::stable::new_empty(logits, {num_classes, p.cols},
-                                         accumulate_type(logits));
-  Tensor counts =
-      torch::stable::new_empty(logits, {num_classes}, ScalarType::Long);
-  Tensor ws = workspace(logits, mcmi_cpu_class_sums_workspace(&p));
+  ClassSumsCall call = prepare_class_sums(logits, target, num_classes,
+                                          temperature, ignore_index);
+  Tensor ws =
+      workspace(logits, mcmi_cpu_class_sums_workspace(&call.in.problem));
   int64_t bad = -1;
   const mcmi_status st = mcmi_cpu_class_sums(
-      &p, log_probs ? 1 : 0, sums.mutable_data_ptr(), p.cols,
-      static_cast<int64_t *>(counts.mutable_data_ptr()), ws.mutable_data_ptr(),
-      torch_threads(), &bad);
+      &call.in.problem, log_probs ? 1 : 0, call.sums.mutable_data_ptr(),
+      call.in.problem.cols,
+      static_cast<int64_t *>(call.counts.mutable_data_ptr()),
+      ws.mutable_data_ptr(), torch_threads(), &bad);
   check_status(st, bad, num_classes, ignore_index);
-  return std::make_tuple(sums, counts);
+  return std::make_tuple(call.sums, call.counts);
 }
 
 void ema_update_cpu(Tensor centroids, Tensor seen, Tensor logits, Tensor target,

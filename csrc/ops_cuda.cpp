@@ -64,21 +64,17 @@ class_sums_cuda(Tensor logits, Tensor target, int64_t num_classes,
                 double temperature, int64_t ignore_index, bool log_probs) {
   check_cuda(logits, "logits");
   DeviceGuard guard(logits.get_device_index());
-  Inputs in = make_inputs(logits, target, std::nullopt, num_classes,
-                          temperature, ignore_index);
-  mcmi_problem &p = in.problem;
-  bind_pointers(in);
-  Tensor sums = torch::stable::new_empty(logits, {num_classes, p.cols},
-                                         accumulate_type(logits));
-  Tensor counts =
-      torch::stable::new_empty(logits, {num_classes}, ScalarType::Long);
-  Tensor ws = workspace(logits, mcmi_cuda_class_sums_workspace(&p));
+  ClassSumsCall call = prepare_class_sums(logits, target, num_classes,
+                                          temperature, ignore_index);
+  Tensor ws =
+      workspace(logits, mcmi_cuda_class_sums_workspace(&call.in.problem));
   const mcmi_status st = mcmi_cuda_class_sums(
-      &p, log_probs ? 1 : 0, sums.mutable_data_ptr(), p.cols,
-      static_cast<int64_t *>(counts.mutable_data_ptr()), ws.mutable_data_ptr(),
-      current_stream(logits));
+      &call.in.problem, log_probs ? 1 : 0, call.sums.mutable_data_ptr(),
+      call.in.problem.cols,
+      static_cast<int64_t *>(call.counts.mutable_data_ptr()),
+      ws.mutable_data_ptr(), current_stream(logits));
   check_status(st, -1, num_classes, ignore_index);
-  return std::make_tuple(sums, counts);
+  return std::make_tuple(call.sums, call.counts);
 }
 
 void ema_update_cuda(Tensor centroids, Tensor seen, Tensor logits,

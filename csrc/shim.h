@@ -232,6 +232,28 @@ inline LossCall prepare_loss(const Tensor &logits, const Tensor &target,
   return LossCall{in, loss, grad, loss_stride};
 }
 
+// Validated inputs and the outputs of mcmi::class_sums (sums [K, C] in the
+// accumulation dtype, counts [K]).
+struct ClassSumsCall {
+  Inputs in;
+  Tensor sums;
+  Tensor counts;
+};
+
+inline ClassSumsCall prepare_class_sums(const Tensor &logits,
+                                        const Tensor &target,
+                                        int64_t num_classes, double temperature,
+                                        int64_t ignore_index) {
+  Inputs in = make_inputs(logits, target, std::nullopt, num_classes,
+                          temperature, ignore_index);
+  bind_pointers(in);
+  Tensor sums = torch::stable::new_empty(logits, {num_classes, in.problem.cols},
+                                         accumulate_type(logits));
+  Tensor counts =
+      torch::stable::new_empty(logits, {num_classes}, ScalarType::Long);
+  return ClassSumsCall{in, sums, counts};
+}
+
 // Checks of mcmi::scale_grad_ and mcmi::ema_update_ shared by the devices.
 inline void check_scale_args(const Tensor &grad, const Tensor &scale) {
   MCMI_CHECK(grad.dim() == 2, "mcmi: grad must be 2-D");

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,28 @@ def split_batch(batch) -> tuple[Tensor, Tensor]:
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError("each batch must be a (inputs, targets, ...) tuple or list")
+
+
+def model_outputs(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    desc: str,
+    progress: bool,
+    train_mode: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(logits, targets)`` for each batch of ``loader``, on ``device``, with
+    the model in train or eval mode (its own mode is restored afterwards) and
+    a tqdm progress bar. Call it under ``torch.no_grad()``."""
+    was_training = model.training
+    model.train(train_mode)
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            inputs, targets = split_batch(batch)
+            yield model(inputs.to(device)), targets.to(device)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -69,18 +91,14 @@ def estimate_centroids(
         A class with no sample gets the uniform row, with a warning.
     """
     device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.train(train_mode)
     sums = counts = None
-    try:
-        for batch in tqdm(loader, desc="centroids", disable=not progress, leave=False):
-            inputs, targets = split_batch(batch)
-            logits = model(inputs.to(device))
-            s, c = _ops.class_sums(logits, targets.to(device), num_classes, temperature=temperature)
-            sums = s.double() if sums is None else sums + s
-            counts = c if counts is None else counts + c
-    finally:
-        model.train(was_training)
+    outputs = model_outputs(
+        model, loader, device, desc="centroids", progress=progress, train_mode=train_mode
+    )
+    for logits, targets in outputs:
+        s, c = _ops.class_sums(logits, targets, num_classes, temperature=temperature)
+        sums = s.double() if sums is None else sums + s
+        counts = c if counts is None else counts + c
     if sums is None:
         raise ValueError("the loader yielded no batch")
     sums, counts = all_reduce_sum(sums, counts)

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import _ops
-from .centroids import model_device, split_batch
+from .centroids import model_device, model_outputs
 from .distributed import all_reduce_sum
 
 
@@ -82,25 +81,18 @@ def teacher_report(
     all ranks are added, so every rank reports on the whole data.
     """
     device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
     k = num_classes
     totals = None
-    try:
-        for batch in tqdm(loader, desc="teacher report", disable=not progress, leave=False):
-            inputs, targets = split_batch(batch)
-            targets = targets.to(device)
-            logits = model(inputs.to(device))
-            s, c = _ops.class_sums(logits, targets, k, temperature=temperature)
-            lsum, _ = _ops.class_sums(logits, targets, k, temperature=temperature, log_probs=True)
-            logp = torch.log_softmax(logits.double() / temperature, dim=1)
-            extra = torch.stack(
-                [(logp.exp() * logp).sum(), (logits.argmax(1) == targets).sum().double()]
-            )
-            step = (s.double(), lsum.double(), c, extra)
-            totals = step if totals is None else tuple(a + b for a, b in zip(totals, step))
-    finally:
-        model.train(was_training)
+    outputs = model_outputs(model, loader, device, desc="teacher report", progress=progress)
+    for logits, targets in outputs:
+        s, c = _ops.class_sums(logits, targets, k, temperature=temperature)
+        lsum, _ = _ops.class_sums(logits, targets, k, temperature=temperature, log_probs=True)
+        logp = torch.log_softmax(logits.double() / temperature, dim=1)
+        extra = torch.stack(
+            [(logp.exp() * logp).sum(), (logits.argmax(1) == targets).sum().double()]
+        )
+        step = (s.double(), lsum.double(), c, extra)
+        totals = step if totals is None else tuple(a + b for a, b in zip(totals, step))
     if totals is None:
         raise ValueError("the loader yielded no batch")
     s, lsum, counts, extra = all_reduce_sum(*totals)

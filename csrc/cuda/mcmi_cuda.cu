@@ -220,14 +220,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/* Number of rows whose label is not ignore_index (one block). */
-__global__ void count_valid(const mcmi_problem p, int64_t *valid) {
-  __shared__ long long part[kThreads];
-  long long c = 0;
-  for (int64_t i = threadIdx.x; i < p.rows; i += kThreads) {
-    c += p.target[i * p.target_stride] != p.ignore_index;
-  }
-  part[threadIdx.x] = c;
+/* Sum over the threads of a one-block launch, in a fixed tree order; the
+ * result is returned to every thread. */
+template <typename V> __device__ V block_sum(V v, V *part) {
+  part[threadIdx.x] = v;
   __syncthreads();
   for (int s = kThreads / 2; s > 0; s /= 2) {
     if (threadIdx.x < s) {
@@ -235,8 +231,19 @@ __global__ void count_valid(const mcmi_problem p, int64_t *valid) {
     }
     __syncthreads();
   }
+  return part[0];
+}
+
+/* Number of rows whose label is not ignore_index (one block). */
+__global__ void count_valid(const mcmi_problem p, int64_t *valid) {
+  __shared__ long long part[kThreads];
+  long long c = 0;
+  for (int64_t i = threadIdx.x; i < p.rows; i += kThreads) {
+    c += p.target[i * p.target_stride] != p.ignore_index;
+  }
+  c = block_sum(c, part);
   if (threadIdx.x == 0) {
-    *valid = part[0];
+    *valid = c;
   }
 }
 
@@ -250,19 +257,12 @@ __global__ void reduce_rows(const double *row_val, int64_t rows,
   for (int64_t i = threadIdx.x; i < rows; i += kThreads) {
     acc += row_val[i];
   }
-  part[threadIdx.x] = acc;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s) {
-      part[threadIdx.x] += part[threadIdx.x + s];
-    }
-    __syncthreads();
-  }
+  acc = block_sum(acc, part);
   if (threadIdx.x == 0) {
     const int64_t n = *valid;
     const double norm =
         (reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
-    *out = store<T>((A)(part[0] / norm));
+    *out = store<T>((A)(acc / norm));
   }
 }
 

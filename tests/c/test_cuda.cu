@@ -16,19 +16,7 @@
 #include "cuda/mcmi_cuda.h"
 #include "mcmi.h"
 #include "mcmi_dtype.h"
-
-static int checks = 0, failures = 0;
-
-#define CHECK(cond, ...)                                                       \
-  do {                                                                         \
-    ++checks;                                                                  \
-    if (!(cond)) {                                                             \
-      ++failures;                                                              \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                     \
-      fprintf(stderr, __VA_ARGS__);                                            \
-      fputc('\n', stderr);                                                     \
-    }                                                                          \
-  } while (0)
+#include "test_util.h"
 
 #define CUDA_OK(call)                                                          \
   do {                                                                         \
@@ -39,18 +27,6 @@ static int checks = 0, failures = 0;
       exit(2);                                                                 \
     }                                                                          \
   } while (0)
-
-static uint64_t rng = 0x243F6A8885A308D3ull;
-static double uniform(void) {
-  rng ^= rng >> 12;
-  rng ^= rng << 25;
-  rng ^= rng >> 27;
-  return (double)((rng * 2685821657736338717ull) >> 11) * 0x1.0p-53;
-}
-static double normal(void) {
-  return sqrt(-2.0 * log(uniform() + 1e-300)) *
-         cos(6.283185307179586 * uniform());
-}
 
 static void *to_device(const void *host, size_t bytes) {
   void *d = NULL;

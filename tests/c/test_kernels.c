@@ -11,33 +11,7 @@
 
 #include "mcmi.h"
 #include "mcmi_dtype.h"
-
-static int failures = 0;
-static int checks = 0;
-
-#define CHECK(cond, ...)                                                       \
-  do {                                                                         \
-    ++checks;                                                                  \
-    if (!(cond)) {                                                             \
-      ++failures;                                                              \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                     \
-      fprintf(stderr, __VA_ARGS__);                                            \
-      fputc('\n', stderr);                                                     \
-    }                                                                          \
-  } while (0)
-
-/* xorshift64*: reproducible inputs without libc's rand state. */
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static double uniform(void) {
-  rng_state ^= rng_state >> 12;
-  rng_state ^= rng_state << 25;
-  rng_state ^= rng_state >> 27;
-  return (double)((rng_state * 2685821657736338717ull) >> 11) * 0x1.0p-53;
-}
-static double normal(void) {
-  double u = uniform() + 1e-300, v = uniform();
-  return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
-}
+#include "test_util.h"
 
 typedef struct {
   int64_t rows, cols, classes;
