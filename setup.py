@@ -41,7 +41,16 @@ OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
 WARN = ["-Wall", "-Wextra"]
 
 C_SOURCES = [os.path.join(CSRC, "mcmi_cpu.c"), os.path.join(CSRC, "module.c")]
-C_FLAGS = ["-std=c11", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *OPT, *WARN]
+C_FLAGS = [
+    "-std=c11",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    *OPT,
+    *WARN,
+]
 # torch's headers are system headers to us: their warnings are not ours.
 TORCH_INCLUDES = [f"-isystem{d}" for d in include_paths()]
 CXX_FLAGS = [
