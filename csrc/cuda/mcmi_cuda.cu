@@ -344,8 +344,8 @@ class_sum_cols(const mcmi_problem p, const double *row_m, const double *row_ls,
                const int64_t *order, int log_probs, int mean,
                typename AccOf<T>::type *out, int64_t out_stride) {
   using A = typename AccOf<T>::type;
-  const int64_t c = blockIdx.y;
-  const int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const int64_t c = blockIdx.x; /* x: up to 2^31 - 1 classes */
+  const int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x;
   if (j >= p.cols) {
     return;
   }
@@ -366,8 +366,8 @@ template <typename A>
 __global__ void ema_apply(const A *means, const int64_t *counts, int64_t cols,
                           A momentum, const uint8_t *seen, A *q,
                           int64_t q_stride) {
-  const int64_t c = blockIdx.y;
-  const int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const int64_t c = blockIdx.x; /* x: up to 2^31 - 1 classes */
+  const int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x;
   if (j >= cols || counts[c] == 0) {
     return;
   }
@@ -476,7 +476,7 @@ void class_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
   if (p.rows > 0) {
     order_rows<<<blocks_for(p.rows), kThreads, 0, s>>>(p, offsets, order);
   }
-  const dim3 grid(blocks_for(p.cols), (unsigned)p.classes);
+  const dim3 grid((unsigned)p.classes, blocks_for(p.cols));
   class_sum_cols<T><<<grid, kThreads, 0, s>>>(p, row_m, row_ls, counts, offsets,
                                               order, log_probs, mean, out,
                                               out_stride);
@@ -617,7 +617,7 @@ mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
   int64_t *counts = (int64_t *)(ws + l.counts);
-  const dim3 grid(blocks_for(p->cols), (unsigned)p->classes);
+  const dim3 grid((unsigned)p->classes, blocks_for(p->cols));
   if (p->dtype == MCMI_FLOAT64) {
     double *means = (double *)(ws + l.means);
     sums_dispatch<double>(*p, l, ws, 0, 1, means, p->cols, counts, s);
