@@ -3,13 +3,16 @@
     loss = F.cross_entropy(logits, y) + lam * mcmi_torch.mcmi(logits, y, centroids=Q)
     criterion = mcmi_torch.MCMILoss(lam=0.25, centroids=Q)
 
-The kernels are C (CPU, OpenMP) behind stable-ABI custom ops in the ``mcmi``
-namespace (``torch.ops.mcmi.loss``, ``.scale_grad_``, ``.class_sums``).
+The kernels are C (CPU, OpenMP) and CUDA behind stable-ABI custom ops in the
+``mcmi`` namespace (``torch.ops.mcmi.loss``, ``.scale_grad_``, ``.class_sums``,
+``.ema_update_``). Submodules: ``metrics`` (teacher CMI, NCMI), ``mimkd`` (a
+student loss), and, imported on demand, ``pid`` (needs the ``[pid]`` extra)
+and ``integrations`` (torchdistill).
 """
 
 import torch  # noqa: F401  (torch's libraries and OpenMP runtime load first)
 
-from . import reference
+from . import metrics, mimkd, reference
 from ._ops import CENTROID_FLOOR, class_sums
 from .centroids import estimate_centroids
 from .functional import cmi, mcmi
@@ -24,5 +27,7 @@ __all__ = [
     "cmi",
     "estimate_centroids",
     "mcmi",
+    "metrics",
+    "mimkd",
     "reference",
 ]
