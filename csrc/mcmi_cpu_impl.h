@@ -8,7 +8,8 @@
  *   LOAD(x)    LOGIT_T -> ACC_T
  *   STORE(x)   ACC_T -> LOGIT_T
  *   EXP, LOG   exp and log in ACC_T
- * Per-row sums are accumulated in double whatever ACC_T is. Functions that
+ * Row sums are formed in ACC_T block by block and added up in double (see
+ * below). Functions that
  * touch a whole row carry MCMI_CLONES: one copy per x86-64 level, chosen
  * at load time.
  */
@@ -272,6 +273,32 @@ static void FN(class_accumulate)(const mcmi_problem *p, const int64_t *slot,
   }
 }
 
+/*
+ * In-batch centroids on a batch-mode loss layout: gives each class present
+ * a slot (class_map, slot, slot_count) and writes the mean softmax of its
+ * rows to batch_q[slot].
+ */
+static void FN(batch_means)(const mcmi_problem *p, const loss_layout *lay,
+                            char *ws, int nt) {
+  const int64_t cols = p->cols;
+  const int64_t *count = (const int64_t *)(ws + lay->slot_count);
+  int64_t *slots = (int64_t *)(ws + lay->slot);
+  ACC_T *means = (ACC_T *)(ws + lay->batch_q);
+  const int64_t nslots = assign_slots(p, (int64_t *)(ws + lay->class_map),
+                                      slots, (int64_t *)(ws + lay->slot_count));
+  FN(class_accumulate)(p, slots, nslots, means, cols,
+                       (double *)(ws + lay->row_val),
+                       (double *)(ws + lay->row_qsum), 0, nt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < nslots; ++c) {
+    const ACC_T inv_n = (ACC_T)(1.0 / (double)count[c]);
+    ACC_T *row = means + c * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      row[j] *= inv_n;
+    }
+  }
+}
+
 static mcmi_status FN(loss)(const mcmi_problem *p, const loss_layout *lay,
                             int64_t valid, void *loss_out, int64_t loss_stride,
                             LOGIT_T *grad, int64_t grad_stride, char *ws,
@@ -289,23 +316,10 @@ static mcmi_status FN(loss)(const mcmi_problem *p, const loss_layout *lay,
     qbase = (const ACC_T *)p->centroids;
     qstride = p->centroids_stride;
   } else {
-    int64_t *map = (int64_t *)(ws + lay->class_map);
-    int64_t *count = (int64_t *)(ws + lay->slot_count);
-    int64_t *slots = (int64_t *)(ws + lay->slot);
-    ACC_T *qc = (ACC_T *)(ws + lay->batch_q);
-    const int64_t nslots = assign_slots(p, map, slots, count);
-    FN(class_accumulate)(p, slots, nslots, qc, cols, row_val, row_qsum, 0, nt);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t c = 0; c < nslots; ++c) {
-      const ACC_T inv_n = (ACC_T)(1.0 / (double)count[c]);
-      ACC_T *qr = qc + c * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        qr[j] *= inv_n;
-      }
-    }
-    qbase = qc;
+    FN(batch_means)(p, lay, ws, nt);
+    qbase = (const ACC_T *)(ws + lay->batch_q);
     qstride = cols;
-    slot = slots;
+    slot = (const int64_t *)(ws + lay->slot);
   }
 
   const double norm =
@@ -359,14 +373,9 @@ static void FN(ema_update)(const mcmi_problem *p, const loss_layout *lay,
                            double momentum, ACC_T *q, int64_t q_stride,
                            uint8_t *seen, char *ws, int nt) {
   const int64_t cols = p->cols;
-  int64_t *map = (int64_t *)(ws + lay->class_map);
-  int64_t *count = (int64_t *)(ws + lay->slot_count);
-  int64_t *slots = (int64_t *)(ws + lay->slot);
-  ACC_T *sums = (ACC_T *)(ws + lay->batch_q);
-  const int64_t nslots = assign_slots(p, map, slots, count);
-  FN(class_accumulate)(p, slots, nslots, sums, cols,
-                       (double *)(ws + lay->row_val),
-                       (double *)(ws + lay->row_qsum), 0, nt);
+  FN(batch_means)(p, lay, ws, nt);
+  const int64_t *map = (const int64_t *)(ws + lay->class_map);
+  const ACC_T *means = (const ACC_T *)(ws + lay->batch_q);
   const ACC_T mom = (ACC_T)momentum;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t c = 0; c < p->classes; ++c) {
@@ -374,17 +383,14 @@ static void FN(ema_update)(const mcmi_problem *p, const loss_layout *lay,
     if (slot < 0) {
       continue;
     }
-    const ACC_T inv_n = (ACC_T)(1.0 / (double)count[slot]);
-    const ACC_T *b = sums + slot * cols;
+    const ACC_T *b = means + slot * cols;
     ACC_T *row = q + c * q_stride;
     if (seen[c]) {
       for (int64_t j = 0; j < cols; ++j) {
-        row[j] += mom * (b[j] * inv_n - row[j]);
+        row[j] += mom * (b[j] - row[j]);
       }
     } else {
-      for (int64_t j = 0; j < cols; ++j) {
-        row[j] = b[j] * inv_n;
-      }
+      memcpy(row, b, (size_t)cols * sizeof(ACC_T));
     }
     seen[c] = 1;
   }

@@ -61,8 +61,7 @@ def _ema_update_fake(centroids, seen, logits, target, temperature, momentum, ign
 
 @torch.library.register_fake("mcmi::class_sums")
 def _class_sums_fake(logits, target, num_classes, temperature, ignore_index, log_probs):
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    sums = logits.new_empty((num_classes, logits.shape[1]), dtype=dtype)
+    sums = logits.new_empty((num_classes, logits.shape[1]), dtype=compute_dtype(logits))
     counts = logits.new_empty((num_classes,), dtype=torch.int64)
     return sums, counts
 
