@@ -16,12 +16,14 @@ from . import metrics, mimkd, reference
 from ._ops import CENTROID_FLOOR, class_sums
 from .centroids import estimate_centroids
 from .functional import cmi, mcmi
+from .guard import CollapseWarning, suggest_lambda
 from .loss import MCMILoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CENTROID_FLOOR",
+    "CollapseWarning",
     "MCMILoss",
     "class_sums",
     "cmi",
@@ -30,4 +32,5 @@ __all__ = [
     "metrics",
     "mimkd",
     "reference",
+    "suggest_lambda",
 ]

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from .distributed import all_reduce_sum, is_distributed
+from .guard import CollapseGuard
 
 _ROW_SUM_TOLERANCE = 1e-3
 
@@ -67,6 +68,12 @@ class MCMILoss(nn.Module):
         momentum: EMA weight of the newest batch (``'ema'`` only), in (0, 1].
         ignore_index: label value of rows to skip.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Attributes:
+        guard: a :class:`~mcmi_torch.guard.CollapseGuard` (for ``lam > 0``) that
+            warns once if the training-batch accuracy falls towards chance, as
+            it does when ``lam`` is too large (docs/math.md, "Collapse"); one
+            device sync every 20 training calls. Set it to ``None`` to turn it off.
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class MCMILoss(nn.Module):
         self.momentum = momentum
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
+        self.guard = CollapseGuard(lam) if lam > 0 else None
 
         if isinstance(centroids, Tensor):
             self.mode = "fixed"
@@ -152,6 +160,9 @@ class MCMILoss(nn.Module):
         )
         if self.mode == "ema" and torch.is_grad_enabled():
             self._update(logits, target)
+        guarded = self.guard is not None and torch.is_grad_enabled()
+        if guarded and not torch.compiler.is_compiling():
+            self.guard.observe(logits, target, self.ignore_index)
         return value
 
     @torch.no_grad()

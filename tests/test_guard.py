@@ -1,0 +1,110 @@
+"""The collapse guard of MCMILoss and suggest_lambda."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mcmi_torch
+from mcmi_torch.guard import CollapseGuard
+
+
+def blobs(n=512, classes=5, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    means = 3 * torch.randn(classes, dim, generator=g)
+    return means[y] + torch.randn(n, dim, generator=g), y
+
+
+def fine_tune(lam, steps=200):
+    """A linear classifier trained with CE, then fine-tuned on CE - lam * CMI
+    with fixed centroids from its own predictions; returns the criterion and
+    the final accuracy."""
+    torch.manual_seed(0)
+    x, y = blobs()
+    model = torch.nn.Linear(x.shape[1], 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(100):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q = mcmi_torch.estimate_centroids(model, [(x, y)], 5, progress=False)
+    criterion = mcmi_torch.MCMILoss(lam=lam, centroids=q)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        loss = criterion(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    return criterion, acc
+
+
+def test_guard_fires_once_on_a_collapsing_fine_tune():
+    with pytest.warns(mcmi_torch.CollapseWarning, match="lam=3") as record:
+        criterion, acc = fine_tune(lam=3.0)
+    assert acc < 0.5  # the setup really collapses
+    assert criterion.guard.fired
+    assert len([w for w in record if w.category is mcmi_torch.CollapseWarning]) == 1
+
+
+def test_guard_is_silent_on_a_sane_fine_tune():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mcmi_torch.CollapseWarning)
+        criterion, acc = fine_tune(lam=0.05)
+    assert acc > 0.9
+    assert not criterion.guard.fired
+    assert criterion.guard.calls == 200
+
+
+def test_guard_checks_only_every_nth_batch_and_skips_ignored_rows():
+    guard = CollapseGuard(lam=1.0, every=3)
+    right = torch.eye(4)[torch.tensor([0, 1, 2, 3])]
+    target = torch.tensor([0, 1, 2, 3])
+    for _ in range(6):
+        guard.observe(right, target, -100)
+    assert guard.best == 1.0 and not guard.fired
+    wrong = right.roll(1, dims=1)
+    guard.observe(wrong, target, -100)  # not a check step
+    guard.observe(wrong, target, -100)
+    assert not guard.fired
+    with pytest.warns(mcmi_torch.CollapseWarning):
+        guard.observe(wrong, torch.tensor([0, 1, 2, -100]), -100)  # accuracy 0 on 3 rows
+    assert guard.fired
+    with pytest.raises(ValueError, match="every"):
+        CollapseGuard(lam=1.0, every=0)
+
+
+def test_no_guard_at_lam_zero_nor_under_no_grad():
+    assert mcmi_torch.MCMILoss(lam=0.0, centroids="batch").guard is None
+    criterion = mcmi_torch.MCMILoss(lam=1.0, centroids="batch")
+    with torch.no_grad():
+        criterion(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    assert criterion.guard.calls == 0
+
+
+def test_suggest_lambda_is_the_bound_and_leaving_the_label_does_not_pay_below_it():
+    g = torch.Generator().manual_seed(0)
+    k = 6
+    q = torch.softmax(6 * torch.randn(k, k, generator=g) + 8 * torch.eye(k), 1)
+    lam = mcmi_torch.suggest_lambda(q)
+    log_q = q.double().log()
+    expected = math.log(2) / (log_q.diagonal() - log_q.min(1).values).max().item()
+    assert lam == pytest.approx(expected)
+    # Per-sample objective -log P_y - lam KL(P || Q_y): at 0.99 * lam no
+    # prediction with P_y <= 1/2 beats the one-hot label.
+    for y in range(k):
+        at_label = -0.99 * lam * -log_q[y, y]
+        p = torch.softmax(8 * torch.randn(4096, k, generator=g, dtype=torch.float64), 1)
+        p = p[p[:, y] <= 0.5]
+        kl = (p * (p.clamp_min(1e-300).log() - log_q[y])).sum(1)
+        assert (-p[:, y].log() - 0.99 * lam * kl).min() > at_label
+    assert mcmi_torch.suggest_lambda(torch.full((3, 3), 1 / 3)) == math.inf
+    with pytest.raises(ValueError, match="square"):
+        mcmi_torch.suggest_lambda(torch.full((2, 3), 1 / 3))
