@@ -259,6 +259,8 @@ def run_seed(seed: int, task: tasks.Task, args) -> dict:
         "teachers": {str(key): value for key, value in rows.items()},
         "students": students,
         "fewshot_samples": len(few),
+        "suggested_lambda": mcmi_torch.suggest_lambda(q),
+        "largest_cmi_reward": -q.clamp_min(mcmi_torch.CENTROID_FLOOR).min().log().item(),
     }
 
 
@@ -436,7 +438,11 @@ def main(argv=None) -> list[dict]:
     note = (
         "collapsed: last fine-tune epoch's validation accuracy below the midpoint of chance "
         "and the not-fine-tuned teacher's validation accuracy; "
-        "guard warned: MCMILoss's CollapseWarning"
+        "guard warned: MCMILoss's CollapseWarning. Centroids: largest -log min_j Q_yj "
+        f"{min(r['largest_cmi_reward'] for r in results):.1f} to "
+        f"{max(r['largest_cmi_reward'] for r in results):.1f} nats, suggest_lambda(Q) "
+        f"{min(r['suggested_lambda'] for r in results):.3f} to "
+        f"{max(r['suggested_lambda'] for r in results):.3f} over seeds"
     )
     print(f"\n{title}\n\n{table}\n\n{note}\n\nzero-shot accuracy per omitted class (%):\n")
     print(per_class)

@@ -1,6 +1,7 @@
-"""The RepDistiller example (checkpoint format, fine-tuning, student losses) and the
-torchdistill hook, on a small model and generated data."""
+"""The MCMI demo at tiny size, its tasks, the RepDistiller example (checkpoint format,
+fine-tuning, student losses) and the torchdistill hook, on a small model and generated data."""
 
+import csv
 import os
 import pathlib
 import sys
@@ -15,9 +16,81 @@ import mcmi_torch
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples" / "repdistiller"
 sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(EXAMPLES.parent))
 
 import finetune_teacher  # noqa: E402
+import mcmi_demo  # noqa: E402
 import student_losses  # noqa: E402
+import tasks  # noqa: E402
+
+
+def test_demo_runs_at_tiny_size(tmp_path, capsys):
+    lambdas = ["0", "0.8"]
+    results = mcmi_demo.main(
+        ["--task", "digits", "--seeds", "2", "--teacher-epochs", "2", "--finetune-epochs", "2",
+         "--student-epochs", "2", "--few-epochs", "2", "--lambdas", *lambdas, "--workers", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert [r["seed"] for r in results] == [0, 1]
+    for r in results:
+        assert set(r["teachers"]) == {"base", "0.0", "0.8"}
+        assert set(r["students"]) == {"none", "base", "0.0", "0.8"}
+        for student in r["students"].values():
+            assert len(student["zero-shot"]) == 10
+            accs = [student["full"], student["few-shot"], *student["zero-shot"]]
+            assert all(0.0 <= a <= 1.0 for a in accs)
+        assert r["teachers"]["0.8"]["cmi"] >= 0.0
+        assert r["fewshot_samples"] == 50  # 5% of each class's 107 or 108 training digits
+    with open(tmp_path / "mcmi_demo_digits.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["source"] for row in rows] == [
+        "no teacher", "not fine-tuned", "lambda 0.0", "lambda 0.8"
+    ]  # fmt: skip
+    control = rows[2]
+    assert float(control["full_diff"]) == 0.0 and float(control["zero-shot_diff"]) == 0.0
+    for suffix in ("md", "json", "png"):
+        assert (tmp_path / f"mcmi_demo_digits.{suffix}").stat().st_size > 0
+    assert "(control)" in capsys.readouterr().out
+
+
+def test_paired_difference_is_a_t_interval_over_seeds():
+    results = [
+        {"students": {"0.0": {"full": a, "zero-shot": [a, 0.0]},
+                      "x": {"full": b, "zero-shot": [b, 1.0]}}}
+        for a, b in ((0.5, 0.6), (0.5, 0.7), (0.6, 0.9))
+    ]  # fmt: skip
+    mean, lo, hi = mcmi_demo.paired(results, "x", "full")
+    assert mean == pytest.approx(0.2)
+    half = 4.302653 * 0.1 / 3**0.5  # t(0.975, 2) * sd / sqrt(n)
+    assert (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
+    zero, _, _ = mcmi_demo.paired(results, "x", "zero-shot")  # class means of the paired diffs
+    assert zero == pytest.approx((0.2 + 1.0) / 2)
+
+
+def test_augment_translates_each_sample():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(50, 6, 6) + 1  # no zeros inside
+    shifted = tasks.augment(x, 1, g)
+    for a, b in zip(x, shifted):
+        found = [
+            (dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            if torch.equal(b[max(dy, 0) : 6 + min(dy, 0), max(dx, 0) : 6 + min(dx, 0)],
+                           a[max(-dy, 0) : 6 + min(-dy, 0), max(-dx, 0) : 6 + min(-dx, 0)])
+        ]  # fmt: skip
+        assert found and (b == 0).sum() == 6 * 6 - (6 - abs(found[0][0])) * (6 - abs(found[0][1]))
+    train, val, test = tasks.split(torch.arange(100) % 4, seed=0)
+    assert sorted(torch.cat([train, val, test]).tolist()) == list(range(100))
+    assert (len(train), len(val), len(test)) == (60, 16, 24)
+
+
+def test_mnist1d_is_generated_once_and_cached(tmp_path):
+    pytest.importorskip("mnist1d")
+    task = tasks.mnist1d(tmp_path, num_samples=200)
+    assert task.x.shape == (200, 40) and task.x.dtype == torch.float32
+    assert sorted(task.y.unique().tolist()) == list(range(10))
+    assert (tmp_path / "mnist1d_200.npz").exists()
+    again = tasks.mnist1d(tmp_path, num_samples=200)
+    assert torch.equal(again.x, task.x)
 
 
 class TinyNet(torch.nn.Module):
