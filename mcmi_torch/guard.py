@@ -59,7 +59,7 @@ class CollapseGuard:
     """Warns once when the training-batch accuracy of an MCMI fine-tune falls
     towards chance.
 
-    :meth:`observe` is called with every training batch; every ``every``-th
+    :meth:`observe` is called with every training batch and its ``lam``; every ``every``-th
     call it reads the batch accuracy (one device sync), keeps a running mean
     ``a`` (the mean of the last two checks) and the best ``a`` seen, and
     issues a :class:`CollapseWarning` when ``a`` falls below the midpoint of
@@ -67,22 +67,21 @@ class CollapseGuard:
     between only count. ``fired`` records whether it warned.
 
     Args:
-        lam: the loss's ``lam``, quoted in the warning.
         every: check one batch in this many.
     """
 
-    def __init__(self, lam: float, every: int = 20) -> None:
+    def __init__(self, every: int = 20) -> None:
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.lam = lam
         self.every = int(every)
         self.calls = 0
         self.last = None
         self.best = 0.0
         self.fired = False
 
-    def observe(self, logits: Tensor, target: Tensor, ignore_index: int) -> None:
-        """Counts a batch; on every ``every``-th one, checks its accuracy."""
+    def observe(self, logits: Tensor, target: Tensor, ignore_index: int, lam: float) -> None:
+        """Counts a batch; on every ``every``-th one, checks its accuracy
+        (``lam`` is quoted in the warning)."""
         self.calls += 1
         if self.fired or self.calls % self.every:
             return
@@ -100,9 +99,9 @@ class CollapseGuard:
             self.fired = True
             warnings.warn(
                 f"MCMI fine-tune collapsing: training-batch accuracy fell from {self.best:.2f} "
-                f"to {mean:.2f} (chance {chance:.2f}) with lam={self.lam:g}. The CMI term pays "
+                f"to {mean:.2f} (chance {chance:.2f}) with lam={lam:g}. The CMI term pays "
                 "more for leaving the label than CE charges; lower lam, e.g. towards "
                 "mcmi_torch.suggest_lambda(centroids) (docs/math.md, 'Collapse').",
                 CollapseWarning,
-                stacklevel=3,
+                stacklevel=2,
             )

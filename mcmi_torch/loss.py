@@ -70,10 +70,11 @@ class MCMILoss(nn.Module):
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
 
     Attributes:
-        guard: a :class:`~mcmi_torch.guard.CollapseGuard` (for ``lam > 0``) that
-            warns once if the training-batch accuracy falls towards chance, as
-            it does when ``lam`` is too large (docs/math.md, "Collapse"); one
-            device sync every 20 training calls. Set it to ``None`` to turn it off.
+        guard: a :class:`~mcmi_torch.guard.CollapseGuard`, fed the training
+            calls made with ``lam > 0``: it warns once if the training-batch
+            accuracy falls towards chance, as it does when ``lam`` is too large
+            (docs/math.md, "Collapse"); one device sync every 20 such calls.
+            Set it to ``None`` to turn it off.
     """
 
     def __init__(
@@ -99,7 +100,7 @@ class MCMILoss(nn.Module):
         self.momentum = momentum
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
-        self.guard = CollapseGuard(lam) if lam > 0 else None
+        self.guard = CollapseGuard()
 
         if isinstance(centroids, Tensor):
             self.mode = "fixed"
@@ -160,9 +161,9 @@ class MCMILoss(nn.Module):
         )
         if self.mode == "ema" and torch.is_grad_enabled():
             self._update(logits, target)
-        guarded = self.guard is not None and torch.is_grad_enabled()
+        guarded = self.guard is not None and self.lam > 0 and torch.is_grad_enabled()
         if guarded and not torch.compiler.is_compiling():
-            self.guard.observe(logits, target, self.ignore_index)
+            self.guard.observe(logits, target, self.ignore_index, self.lam)
         return value
 
     @torch.no_grad()

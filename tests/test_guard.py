@@ -64,29 +64,37 @@ def test_guard_is_silent_on_a_sane_fine_tune():
 
 
 def test_guard_checks_only_every_nth_batch_and_skips_ignored_rows():
-    guard = CollapseGuard(lam=1.0, every=3)
+    guard = CollapseGuard(every=3)
     right = torch.eye(4)[torch.tensor([0, 1, 2, 3])]
     target = torch.tensor([0, 1, 2, 3])
     for _ in range(6):
-        guard.observe(right, target, -100)
+        guard.observe(right, target, -100, 1.0)
     assert guard.best == 1.0 and not guard.fired
     wrong = right.roll(1, dims=1)
-    guard.observe(wrong, target, -100)  # not a check step
-    guard.observe(wrong, target, -100)
+    guard.observe(wrong, target, -100, 1.0)  # not a check step
+    guard.observe(wrong, target, -100, 1.0)
     assert not guard.fired
     with pytest.warns(mcmi_torch.CollapseWarning):
-        guard.observe(wrong, torch.tensor([0, 1, 2, -100]), -100)  # accuracy 0 on 3 rows
+        guard.observe(wrong, torch.tensor([0, 1, 2, -100]), -100, 1.0)  # accuracy 0 on 3 rows
     assert guard.fired
     with pytest.raises(ValueError, match="every"):
-        CollapseGuard(lam=1.0, every=0)
+        CollapseGuard(every=0)
 
 
-def test_no_guard_at_lam_zero_nor_under_no_grad():
-    assert mcmi_torch.MCMILoss(lam=0.0, centroids="batch").guard is None
-    criterion = mcmi_torch.MCMILoss(lam=1.0, centroids="batch")
-    with torch.no_grad():
-        criterion(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+def test_guard_sees_only_training_calls_with_positive_lam():
+    criterion = mcmi_torch.MCMILoss(lam=0.0, centroids="batch")
+    logits = torch.randn(4, 3, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0])
+    criterion(logits, target)
     assert criterion.guard.calls == 0
+    criterion.lam = 1.0  # a schedule
+    with torch.no_grad():
+        criterion(logits, target)
+    assert criterion.guard.calls == 0
+    criterion(logits, target)
+    assert criterion.guard.calls == 1
+    criterion.guard = None  # switched off
+    criterion(logits, target)
 
 
 def test_suggest_lambda_is_the_bound_and_leaving_the_label_does_not_pay_below_it():
