@@ -216,7 +216,7 @@ def run_seed(seed: int, task: tasks.Task, args) -> dict:
         teachers.append(t)
         rows[lam] = {
             "collapsed": history[-1] < 0.5 * (chance + max(base_history)),
-            "guard": criterion.guard is not None and criterion.guard.fired,
+            "guard": criterion.guard.fired,
             "best_epoch": history.index(max(history)) + 1,
         }
     for key, t in zip(rows, teachers):
@@ -461,7 +461,8 @@ def main(argv=None) -> list[dict]:
     table_base = markdown_vs_base(rows)
     per_class = per_class_markdown(results, args.lambdas, task.num_classes)
     note = (
-        "collapsed: last fine-tune epoch's validation accuracy below the midpoint of chance "
+        "teacher acc: on the test split, at the epoch best on validation; collapsed: last "
+        "fine-tune epoch's validation accuracy below the midpoint of chance "
         "and the not-fine-tuned teacher's validation accuracy; "
         "guard warned: MCMILoss's CollapseWarning. Centroids: largest -log min_j Q_yj "
         f"{min(r['largest_cmi_reward'] for r in results):.1f} to "
