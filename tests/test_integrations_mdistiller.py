@@ -109,6 +109,7 @@ def mdistiller_cfg(**mcmi):
     return cfg
 
 
+@pytest.mark.filterwarnings("ignore:no sample of classes")  # 20 images, 100 classes
 def test_mcmi_distiller_starts_from_the_teacher_with_its_centroids(root):
     from mdistiller.dataset import get_dataset
     from mdistiller.models import cifar_model_dict
