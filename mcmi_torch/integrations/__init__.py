@@ -27,7 +27,12 @@ def register_torchdistill() -> None:
     """Registers ``MCMILoss`` and ``MCMILossFromFile`` (:func:`mcmi_loss_from_file`) as
     torchdistill low-level losses, so a YAML config can name them under ``key``.
     Calling it again is harmless. Raises ImportError if torchdistill is not installed."""
-    from torchdistill.losses.registry import register_low_level_loss
+    try:
+        from torchdistill.losses.registry import register_low_level_loss
+    except ImportError as exc:
+        raise ImportError(
+            "register_torchdistill needs torchdistill: `pip install torchdistill`"
+        ) from exc
 
     register_low_level_loss(key="MCMILoss")(MCMILoss)
     register_low_level_loss(key="MCMILossFromFile")(mcmi_loss_from_file)
