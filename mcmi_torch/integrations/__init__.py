@@ -1,10 +1,16 @@
-"""Optional hooks into other distillation frameworks (imported only on demand)."""
+"""Hooks into other distillation frameworks, imported only on demand.
+
+* :mod:`mcmi_torch.integrations.torchdistill`: importing it registers the losses below with
+  torchdistill (name it under ``dependencies`` in a torchdistill config).
+* :mod:`mcmi_torch.integrations.mdistiller`: an ``MCMI`` distiller and a launcher for
+  mdistiller's ``tools/train.py`` (``python -m mcmi_torch.integrations.mdistiller``).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .loss import MCMILoss
+from ..loss import MCMILoss
 
 
 def mcmi_loss_from_file(centroids_path: str, **kwargs) -> MCMILoss:
@@ -20,8 +26,13 @@ def mcmi_loss_from_file(centroids_path: str, **kwargs) -> MCMILoss:
 def register_torchdistill() -> None:
     """Registers ``MCMILoss`` and ``MCMILossFromFile`` (:func:`mcmi_loss_from_file`) as
     torchdistill low-level losses, so a YAML config can name them under ``key``.
-    Raises ImportError if torchdistill is not installed."""
-    from torchdistill.losses.registry import register_low_level_loss
+    Calling it again is harmless. Raises ImportError if torchdistill is not installed."""
+    try:
+        from torchdistill.losses.registry import register_low_level_loss
+    except ImportError as exc:
+        raise ImportError(
+            "register_torchdistill needs torchdistill: `pip install torchdistill`"
+        ) from exc
 
     register_low_level_loss(key="MCMILoss")(MCMILoss)
     register_low_level_loss(key="MCMILossFromFile")(mcmi_loss_from_file)
