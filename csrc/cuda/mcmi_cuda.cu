@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -58,66 +59,78 @@ __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
 
-/* Online-softmax partial: s = sum e^{u - m}, a = sum e^{u - m} w. */
+/* Online-softmax partial over some columns of a row, relative to its
+ * running maximum m of z (logit units): with d_j = (z_j - m) k,
+ * s = sum e^{d_j} and a = sum e^{d_j} (d_j - lq_j); q = sum of the
+ * centroid entries (their row-sum check). s == 0 only when empty; a NaN or
+ * -inf logit makes s NaN (as on the CPU), and NaN survives every combine. */
 template <typename A> struct Partial {
-  A m, s, a;
+  A m, s, a, q;
 };
 
 template <typename A> __device__ __forceinline__ Partial<A> empty_partial() {
-  return Partial<A>{-(A)INFINITY, (A)0, (A)0};
+  return Partial<A>{-(A)INFINITY, (A)0, (A)0, (A)0};
 }
 
+/* Adds column value z (scale k = 1/T) with log-centroid lq. */
 template <typename A>
-__device__ __forceinline__ void push(Partial<A> &p, A u, A w) {
-  if (u > p.m) {
-    const A r = dexp(p.m - u);
-    p.s *= r;
-    p.a *= r;
-    p.m = u;
+__device__ __forceinline__ void push(Partial<A> &p, A z, A k, A lq) {
+  if (z > p.m) {
+    if (p.s != (A)0) {
+      const A d = (p.m - z) * k, r = dexp(d);
+      p.a = r * (p.a + p.s * d);
+      p.s *= r;
+    }
+    p.m = z;
   }
-  const A e = dexp(u - p.m);
+  const A d = (z - p.m) * k, e = dexp(d);
   p.s += e;
-  p.a += e * w;
+  p.a += e * (d - lq);
 }
 
-/* Symmetric in its arguments (IEEE addition commutes), so both lanes of a
- * butterfly step compute the same value. */
+/* x then y, both relative to the larger maximum. Callers pass the partials
+ * in a fixed order, so every thread that combines the same two partials
+ * gets the same bits (contracted multiply-adds included). */
 template <typename A>
-__device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y) {
-  if (y.m == -(A)INFINITY) {
-    return x;
+__device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y, A k) {
+  if (y.s == (A)0) {
+    return Partial<A>{x.m, x.s, x.a, x.q + y.q};
   }
-  if (x.m == -(A)INFINITY) {
-    return y;
+  if (x.s == (A)0) {
+    return Partial<A>{y.m, y.s, y.a, x.q + y.q};
   }
   const A m = x.m > y.m ? x.m : y.m;
-  const A rx = dexp(x.m - m), ry = dexp(y.m - m);
-  return Partial<A>{m, x.s * rx + y.s * ry, x.a * rx + y.a * ry};
+  const A dx = (x.m - m) * k, dy = (y.m - m) * k;
+  const A rx = dexp(dx), ry = dexp(dy);
+  return Partial<A>{m, x.s * rx + y.s * ry,
+                    rx * (x.a + x.s * dx) + ry * (y.a + y.s * dy), x.q + y.q};
 }
 
 /* Combines the partials of a group of GROUP threads; every thread of the
- * group gets the same result. GROUP > 32 spans the block (all threads must
- * call). */
+ * group gets the same result (each butterfly step puts the lower lane's
+ * partial first). GROUP > 32 spans the block (all threads must call). */
 template <typename A, int GROUP>
-__device__ Partial<A> group_reduce(Partial<A> p, Partial<A> *shared) {
+__device__ Partial<A> group_reduce(Partial<A> p, A k, Partial<A> *shared) {
   constexpr int lanes = GROUP < kWarp ? GROUP : kWarp;
+  const int lane = (int)(threadIdx.x % kWarp);
   for (int off = lanes / 2; off > 0; off /= 2) {
     Partial<A> o;
     o.m = __shfl_xor_sync(0xffffffffu, p.m, off);
     o.s = __shfl_xor_sync(0xffffffffu, p.s, off);
     o.a = __shfl_xor_sync(0xffffffffu, p.a, off);
-    p = combine(p, o);
+    o.q = __shfl_xor_sync(0xffffffffu, p.q, off);
+    p = (lane & off) ? combine(o, p, k) : combine(p, o, k);
   }
   if (GROUP <= kWarp) {
     return p;
   }
-  if (threadIdx.x % kWarp == 0) {
+  if (lane == 0) {
     shared[threadIdx.x / kWarp] = p;
   }
   __syncthreads();
   Partial<A> r = shared[0];
   for (int w = 1; w < GROUP / kWarp; ++w) {
-    r = combine(r, shared[w]);
+    r = combine(r, shared[w], k);
   }
   __syncthreads();
   return r;
@@ -125,25 +138,37 @@ __device__ Partial<A> group_reduce(Partial<A> p, Partial<A> *shared) {
 
 /* log max(q, floor), or q itself when the centroids are logs already. */
 template <typename A>
-__device__ __forceinline__ A log_centroid(const A *q, int64_t j, int is_log,
-                                          A floor) {
-  const A v = q[j];
+__device__ __forceinline__ A log_centroid(A v, int is_log, A floor) {
   return is_log ? v : dlog(v > floor ? v : floor);
+}
+
+/* A row's log-normalizer ls = log s and KL term from its combined partial
+ * (all relative to the row maximum): the one place the KL formula lives. */
+template <typename A> struct RowKL {
+  A ls, kl;
+};
+
+template <typename A>
+__device__ __forceinline__ RowKL<A> finalize_kl(const Partial<A> &p) {
+  const A ls = dlog(p.s);
+  return RowKL<A>{ls, p.a / p.s - ls};
 }
 
 /* One row per group: loss value (row_val, and rows_out for 'none') and,
  * when grad != NULL, the gradient row. q_batch: in-batch class means
- * [classes][cols], or NULL for the problem's centroids. */
+ * [slot][cols] with slot_of[class], or NULL for the problem's centroids.
+ * A row whose label is out of range, or whose given centroid row does not
+ * sum to 1, gets NaN as value and gradient. */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
     loss_rows(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
-              const int64_t *valid, double *row_val, T *rows_out,
-              int64_t rows_stride, T *grad, int64_t grad_stride) {
+              const int64_t *slot_of, const int64_t *valid, double *row_val,
+              T *rows_out, int64_t rows_stride, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
   const int64_t row =
       (int64_t)blockIdx.x * (kThreads / GROUP) + threadIdx.x / GROUP;
-  const int lane = threadIdx.x % GROUP;
+  const int lane = (int)(threadIdx.x % GROUP);
   if (row >= p.rows) {
     return; /* uniform over the group (GROUP == block: over the block) */
   }
@@ -164,9 +189,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   const bool bad = y < 0 || y >= p.classes;
   const A *q = bad       ? nullptr
-               : q_batch ? q_batch + y * p.cols
+               : q_batch ? q_batch + slot_of[y] * p.cols
                          : (const A *)p.centroids + y * p.centroids_stride;
   const int is_log = q_batch ? 0 : p.log_centroids;
+  const bool check_q = !q_batch && !is_log;
   const A inv_t = (A)(1.0 / p.temperature), qfloor = (A)p.floor;
   const bool want_ce = p.ce_weight != 0.0;
   const bool separate = want_ce && p.temperature != 1.0;
@@ -174,23 +200,26 @@ __global__ void __launch_bounds__(kThreads)
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
   for (int64_t j = lane; j < p.cols; j += GROUP) {
     const A zj = load(z[j]);
-    const A u = zj * inv_t;
-    const A lq = q ? log_centroid(q, j, is_log, qfloor) : (A)NAN;
-    push(main, u, u - lq);
+    const A qj = q ? q[j] : (A)NAN;
+    push(main, zj, inv_t, log_centroid(qj, is_log, qfloor));
+    main.q += qj;
     if (separate) {
-      push(at_one, zj, (A)0);
+      push(at_one, zj, (A)1, (A)0);
     }
   }
-  main = group_reduce<A, GROUP>(main, shared);
+  main = group_reduce<A, GROUP>(main, inv_t, shared);
   if (separate) {
-    at_one = group_reduce<A, GROUP>(at_one, shared);
+    at_one = group_reduce<A, GROUP>(at_one, (A)1, shared);
   }
-  const A lse = main.m + dlog(main.s);
-  const A kl = main.a / main.s - lse;
-  const A lse1 = separate ? at_one.m + dlog(at_one.s) : lse;
-  const A ce = want_ce && !bad ? lse1 - load(z[y]) : (A)0;
+  const RowKL<A> r = finalize_kl(main);
+  const A ls1 = separate ? dlog(at_one.s) : r.ls;
+  const bool q_off =
+      check_q && !(fabs((double)main.q - 1.0) <= MCMI_CENTROID_SUM_TOLERANCE);
+  const bool nan_row = bad || q_off;
+  const A ce = want_ce && !bad ? (main.m - load(z[y])) + ls1 : (A)0;
   const double value =
-      bad ? (double)NAN : p.ce_weight * (double)ce + p.cmi_weight * (double)kl;
+      nan_row ? (double)NAN
+              : p.ce_weight * (double)ce + p.cmi_weight * (double)r.kl;
   if (lane == 0) {
     row_val[row] = value;
     if (rows_out) {
@@ -205,18 +234,18 @@ __global__ void __launch_bounds__(kThreads)
       (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
   const A kc = (A)(p.cmi_weight / (p.temperature * norm));
   const A kce = (A)(p.ce_weight / norm);
-  const A shift = lse + kl;
+  const A shift = r.ls + r.kl;
   for (int64_t j = lane; j < p.cols; j += GROUP) {
     const A zj = load(z[j]);
-    const A u = zj * inv_t;
-    const A lq = q ? log_centroid(q, j, is_log, qfloor) : (A)NAN;
-    const A pj = dexp(u - lse);
-    const A p1 = separate ? dexp(zj - lse1) : pj;
-    A v = kc * pj * ((u - lq) - shift) + kce * p1;
+    const A d = (zj - main.m) * inv_t;
+    const A lq = q ? log_centroid(q[j], is_log, qfloor) : (A)NAN;
+    const A pj = dexp(d - r.ls);
+    const A p1 = separate ? dexp((zj - main.m) - ls1) : pj;
+    A v = kc * pj * ((d - lq) - shift) + kce * p1;
     if (j == y) {
       v -= kce;
     }
-    g[j] = store<T>(bad ? (A)NAN : v);
+    g[j] = store<T>(nan_row ? (A)NAN : v);
   }
 }
 
@@ -226,24 +255,66 @@ template <typename V> __device__ V block_sum(V v, V *part) {
   part[threadIdx.x] = v;
   __syncthreads();
   for (int s = kThreads / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s) {
+    if ((int)threadIdx.x < s) {
       part[threadIdx.x] += part[threadIdx.x + s];
     }
     __syncthreads();
   }
-  return part[0];
+  const V r = part[0];
+  __syncthreads();
+  return r;
 }
 
-/* Number of rows whose label is not ignore_index (one block). */
-__global__ void count_valid(const mcmi_problem p, int64_t *valid) {
+/* Exclusive prefix sum over the threads of a one-block launch
+ * (Hillis-Steele); *total receives the sum of all. */
+template <typename V>
+__device__ V block_exclusive_scan(V v, V *part, V *total) {
+  part[threadIdx.x] = v;
+  __syncthreads();
+  for (int d = 1; d < kThreads; d *= 2) {
+    const V add = (int)threadIdx.x >= d ? part[threadIdx.x - d] : (V)0;
+    __syncthreads();
+    part[threadIdx.x] += add;
+    __syncthreads();
+  }
+  const V inclusive = part[threadIdx.x];
+  *total = part[kThreads - 1];
+  __syncthreads();
+  return inclusive - v;
+}
+
+__device__ __forceinline__ bool in_class_range(int64_t y,
+                                               const mcmi_problem &p) {
+  return y != p.ignore_index && y >= 0 && y < p.classes;
+}
+
+/* One block: the number of rows whose label is not ignore_index, and the
+ * first row whose label is out of range (-1 if none). */
+__global__ void scan_targets(const mcmi_problem p, int64_t *valid,
+                             int64_t *bad_row) {
   __shared__ long long part[kThreads];
-  long long c = 0;
+  long long c = 0, first_bad = LLONG_MAX;
   for (int64_t i = threadIdx.x; i < p.rows; i += kThreads) {
-    c += p.target[i * p.target_stride] != p.ignore_index;
+    const int64_t y = p.target[i * p.target_stride];
+    c += y != p.ignore_index;
+    if (y != p.ignore_index && !in_class_range(y, p) && i < first_bad) {
+      first_bad = i;
+    }
   }
   c = block_sum(c, part);
+  part[threadIdx.x] = first_bad;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s /= 2) {
+    if ((int)threadIdx.x < s && part[threadIdx.x + s] < part[threadIdx.x]) {
+      part[threadIdx.x] = part[threadIdx.x + s];
+    }
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
     *valid = c;
+    if (bad_row) {
+      *bad_row = part[0] == LLONG_MAX ? -1 : part[0];
+    }
   }
 }
 
@@ -266,7 +337,8 @@ __global__ void reduce_rows(const double *row_val, int64_t rows,
   }
 }
 
-/* Per valid row: the maximum of z / T and log sum e^{z/T - max}. */
+/* Per row with a label in range: the maximum of z and log sum e^{(z - max)/T}
+ * (the row's softmax at T is e^{(z - m)/T - ls}). */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
     row_stats(const mcmi_problem p, double *row_m, double *row_ls) {
@@ -274,28 +346,24 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Partial<A> shared[kThreads / kWarp];
   const int64_t row =
       (int64_t)blockIdx.x * (kThreads / GROUP) + threadIdx.x / GROUP;
-  if (row >= p.rows) {
-    return;
+  if (row >= p.rows || !in_class_range(p.target[row * p.target_stride], p)) {
+    return; /* uniform over the group */
   }
   const T *z = (const T *)p.logits + row * p.logits_stride;
   const A inv_t = (A)(1.0 / p.temperature);
   Partial<A> part = empty_partial<A>();
   for (int64_t j = threadIdx.x % GROUP; j < p.cols; j += GROUP) {
-    push(part, load(z[j]) * inv_t, (A)0);
+    push(part, load(z[j]), inv_t, (A)0);
   }
-  part = group_reduce<A, GROUP>(part, shared);
+  part = group_reduce<A, GROUP>(part, inv_t, shared);
   if (threadIdx.x % GROUP == 0) {
     row_m[row] = (double)part.m;
     row_ls[row] = (double)dlog(part.s);
   }
 }
 
-__device__ __forceinline__ bool in_class_range(int64_t y,
-                                               const mcmi_problem &p) {
-  return y != p.ignore_index && y >= 0 && y < p.classes;
-}
-
-/* counts[y] += 1 for every valid row (integer atomics: order-free). */
+/* counts[y] += 1 for every row with a label in range (integer atomics:
+ * order-free). */
 __global__ void count_classes(const mcmi_problem p, int64_t *counts) {
   const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (i < p.rows) {
@@ -306,81 +374,185 @@ __global__ void count_classes(const mcmi_problem p, int64_t *counts) {
   }
 }
 
-/* offsets = exclusive prefix sum of counts (one thread: K is small). */
-__global__ void class_offsets(const int64_t *counts, int64_t classes,
-                              int64_t *offsets) {
-  int64_t at = 0;
-  for (int64_t c = 0; c < classes; ++c) {
-    offsets[c] = at;
-    at += counts[c];
+/* Compact slots for the classes present. */
+struct Slots {
+  int64_t *slot_of;    /* [classes]: slot of each class present */
+  int64_t *slot_class; /* [max slots]: class of each slot */
+  int64_t *count;      /* [max slots]: rows of each slot */
+  int64_t *offset;     /* [max slots]: first position in `order` */
+  int64_t *cursor;     /* [max slots]: scratch of order_rows */
+  int64_t *used;       /* number of slots */
+};
+
+/* One block, O(classes) work: each thread takes a contiguous range of
+ * classes; slots are numbered in class order. */
+__global__ void assign_slots(const int64_t *counts, int64_t classes, Slots sl) {
+  __shared__ long long part[kThreads];
+  const int64_t t = threadIdx.x;
+  const int64_t lo = classes * t / kThreads, hi = classes * (t + 1) / kThreads;
+  long long present = 0, rows = 0, total = 0;
+  for (int64_t c = lo; c < hi; ++c) {
+    present += counts[c] > 0;
+    rows += counts[c];
+  }
+  long long slot = block_exclusive_scan(present, part, &total);
+  long long at = block_exclusive_scan(rows, part, &total);
+  for (int64_t c = lo; c < hi; ++c) {
+    if (counts[c] > 0) {
+      sl.slot_of[c] = slot;
+      sl.slot_class[slot] = c;
+      sl.count[slot] = counts[c];
+      sl.offset[slot] = at;
+      sl.cursor[slot] = 0;
+      at += counts[c];
+      ++slot;
+    }
+  }
+  if (t == kThreads - 1) {
+    *sl.used = slot;
   }
 }
 
-/* order[offsets[y_i] + rank_i] = i, rank_i = #{j < i : y_j = y_i}: the rows
- * of each class in row order. */
-__global__ void order_rows(const mcmi_problem p, const int64_t *offsets,
-                           int64_t *order) {
-  const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (i >= p.rows) {
-    return;
+/* order[offset[s] + r] = the r-th row (in row order) of slot s. One block
+ * walks the rows in chunks of kThreads: a bitonic sort of (slot, lane) keys
+ * ranks each row within its slot in the chunk, and the last row of each
+ * slot's run advances that slot's cursor. O(rows) work, no atomics. */
+__global__ void order_rows(const mcmi_problem p, Slots sl, int64_t *order) {
+  __shared__ long long key[kThreads];
+  __shared__ int head[kThreads];
+  const int t = (int)threadIdx.x;
+  const long long none = LLONG_MAX;
+  for (int64_t base = 0; base < p.rows; base += kThreads) {
+    const int64_t i = base + t;
+    const int64_t y = i < p.rows ? p.target[i * p.target_stride] : -1;
+    key[t] = i < p.rows && in_class_range(y, p)
+                 ? (long long)sl.slot_of[y] * kThreads + t
+                 : none;
+    __syncthreads();
+    for (int k = 2; k <= kThreads; k *= 2) {
+      for (int j = k / 2; j > 0; j /= 2) {
+        const int o = t ^ j;
+        if (o > t) {
+          const bool up = (t & k) == 0;
+          const long long a = key[t], b = key[o];
+          if ((a > b) == up) {
+            key[t] = b;
+            key[o] = a;
+          }
+        }
+        __syncthreads();
+      }
+    }
+    const long long mine = key[t];
+    const long long s = mine / kThreads;
+    head[t] = t == 0 || key[t - 1] / kThreads != s ? t : 0;
+    __syncthreads();
+    for (int d = 1; d < kThreads; d *= 2) {
+      const int h = t >= d && head[t - d] > head[t] ? head[t - d] : head[t];
+      __syncthreads();
+      head[t] = h;
+      __syncthreads();
+    }
+    const int rank = t - head[t];
+    const bool last = t == kThreads - 1 || key[t + 1] / kThreads != s;
+    if (mine != none) {
+      order[sl.offset[s] + sl.cursor[s] + rank] = base + mine % kThreads;
+    }
+    __syncthreads();
+    if (mine != none && last) {
+      sl.cursor[s] += rank + 1;
+    }
+    __syncthreads();
   }
-  const int64_t y = p.target[i * p.target_stride];
-  if (!in_class_range(y, p)) {
-    return;
-  }
-  int64_t rank = 0;
-  for (int64_t j = 0; j < i; ++j) {
-    rank += p.target[j * p.target_stride] == y;
-  }
-  order[offsets[y] + rank] = i;
 }
 
-/* out[c][j] = sum over the rows of class c, in row order, of softmax(z/T)_j
- * (log_softmax with log_probs), divided by the count when `mean`. */
+/* Columns per block of slot_sums: a warp's width, so loads coalesce. */
+constexpr int kSumCols = kWarp;
+constexpr unsigned kMaxGridY = 65535;
+
+/* out[row(s)][j] = sum over the rows of slot s of softmax(z/T)_j (log_softmax
+ * with log_probs), divided by the count when `mean`; row(s) is the slot's
+ * class when by_class, else s. A block takes (slot, 32 columns): warp w sums
+ * the slot's rows w, w + 8, ... in order, then warp 0 adds the 8 partials in
+ * warp order. Column tiles beyond grid.y are taken in a strided loop. */
 template <typename T>
-__global__ void
-class_sum_cols(const mcmi_problem p, const double *row_m, const double *row_ls,
-               const int64_t *counts, const int64_t *offsets,
-               const int64_t *order, int log_probs, int mean,
-               typename AccOf<T>::type *out, int64_t out_stride) {
+__global__ void __launch_bounds__(kThreads)
+    slot_sums(const mcmi_problem p, const double *row_m, const double *row_ls,
+              Slots sl, const int64_t *order, int log_probs, int mean,
+              int by_class, typename AccOf<T>::type *out, int64_t out_stride) {
   using A = typename AccOf<T>::type;
-  const int64_t c = blockIdx.x; /* x: up to 2^31 - 1 classes */
-  const int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x;
-  if (j >= p.cols) {
-    return;
+  constexpr int warps = kThreads / kWarp;
+  __shared__ A part[warps][kSumCols];
+  const int64_t s = blockIdx.x;
+  if (s >= *sl.used) {
+    return; /* uniform over the block */
   }
+  const int lane = (int)(threadIdx.x % kWarp), w = (int)(threadIdx.x / kWarp);
   const A inv_t = (A)(1.0 / p.temperature);
-  const int64_t n = counts[c];
-  A acc = (A)0;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t i = order[offsets[c] + k];
-    const T *z = (const T *)p.logits + i * p.logits_stride;
-    const A v = load(z[j]) * inv_t - (A)row_m[i] - (A)row_ls[i];
-    acc += log_probs ? v : dexp(v);
+  const int64_t n = sl.count[s];
+  const int64_t *rows = order + sl.offset[s];
+  A *o = out + (by_class ? sl.slot_class[s] : s) * out_stride;
+  const int64_t tiles = (p.cols + kSumCols - 1) / kSumCols;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t j = tile * kSumCols + lane;
+    A acc = (A)0;
+    for (int64_t k = w; k < n && j < p.cols; k += warps) {
+      const int64_t i = rows[k];
+      const T *z = (const T *)p.logits + i * p.logits_stride;
+      const A v = (load(z[j]) - (A)row_m[i]) * inv_t - (A)row_ls[i];
+      acc += log_probs ? v : dexp(v);
+    }
+    part[w][lane] = acc;
+    __syncthreads();
+    if (w == 0 && j < p.cols) {
+      A sum = part[0][lane];
+      for (int k = 1; k < warps; ++k) {
+        sum += part[k][lane];
+      }
+      o[j] = mean ? sum / (A)n : sum;
+    }
+    __syncthreads();
   }
-  out[c * out_stride + j] = mean && n > 0 ? acc / (A)n : acc;
 }
 
-/* EMA step for the classes present; `seen` is read here, set afterwards. */
+/* Zero rows of `out` for classes with no rows (class_sums output). */
 template <typename A>
-__global__ void ema_apply(const A *means, const int64_t *counts, int64_t cols,
-                          A momentum, const uint8_t *seen, A *q,
+__global__ void zero_absent(const int64_t *counts, int64_t classes,
+                            int64_t cols, A *out, int64_t out_stride) {
+  const int64_t total = classes * cols;
+  for (int64_t k = (int64_t)blockIdx.x * kThreads + threadIdx.x; k < total;
+       k += (int64_t)gridDim.x * kThreads) {
+    const int64_t c = k / cols;
+    if (counts[c] == 0) {
+      out[c * out_stride + k % cols] = (A)0;
+    }
+  }
+}
+
+/* EMA step for the classes present (none when a label is out of range);
+ * `seen` is read here and set by ema_mark_seen afterwards. */
+template <typename A>
+__global__ void ema_apply(const A *means, Slots sl, int64_t cols, A momentum,
+                          const int64_t *bad_row, const uint8_t *seen, A *q,
                           int64_t q_stride) {
-  const int64_t c = blockIdx.x; /* x: up to 2^31 - 1 classes */
-  const int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x;
-  if (j >= cols || counts[c] == 0) {
+  const int64_t s = blockIdx.x;
+  if (s >= *sl.used || *bad_row >= 0) {
     return;
   }
-  const A b = means[c * cols + j];
+  const int64_t c = sl.slot_class[s];
+  const A *b = means + s * cols;
   A *row = q + c * q_stride;
-  row[j] = seen[c] ? row[j] + momentum * (b - row[j]) : b;
+  for (int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x; j < cols;
+       j += (int64_t)gridDim.y * kThreads) {
+    row[j] = seen[c] ? row[j] + momentum * (b[j] - row[j]) : b[j];
+  }
 }
 
-__global__ void ema_mark_seen(const int64_t *counts, int64_t classes,
-                              uint8_t *seen) {
-  const int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (c < classes && counts[c] > 0) {
-    seen[c] = 1;
+__global__ void ema_mark_seen(Slots sl, int64_t max_slots,
+                              const int64_t *bad_row, uint8_t *seen) {
+  const int64_t s = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (s < max_slots && s < *sl.used && *bad_row < 0) {
+    seen[sl.slot_class[s]] = 1;
   }
 }
 
@@ -405,36 +577,50 @@ size_t acc_bytes(mcmi_dtype d) {
   return d == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
-/* Device workspace: valid count, per-row values and stats, class counts,
- * offsets and row order, and (in-batch or EMA) class means [K][C]. */
+/* Slots for at most min(rows, classes) classes present. */
+int64_t max_slots(const mcmi_problem *p) {
+  return p->rows < p->classes ? p->rows : p->classes;
+}
+
+/* Device workspace: valid count, per-row values and stats,
+ * class counts, slot tables, row order, and (in-batch or EMA) the means of
+ * the classes present, [min(rows, classes)][cols]. */
 struct Layout {
-  size_t valid, row_val, row_m, row_ls, counts, offsets, order, means, total;
+  size_t valid, row_val, row_m, row_ls, counts, slot_of, slot_class, slot_count,
+      slot_offset, cursor, used, order, means, total;
 };
 
 Layout make_layout(const mcmi_problem *p, bool means) {
-  const size_t rows = (size_t)p->rows, k = (size_t)p->classes;
+  const size_t rows = (size_t)p->rows, k = (size_t)p->classes,
+               slots = (size_t)max_slots(p);
   Layout l;
   size_t at = 0;
-  l.valid = at;
-  at = align_up(at + sizeof(int64_t));
-  l.row_val = at;
-  at = align_up(at + rows * sizeof(double));
-  l.row_m = at;
-  at = align_up(at + rows * sizeof(double));
-  l.row_ls = at;
-  at = align_up(at + rows * sizeof(double));
-  l.counts = at;
-  at = align_up(at + k * sizeof(int64_t));
-  l.offsets = at;
-  at = align_up(at + k * sizeof(int64_t));
-  l.order = at;
-  at = align_up(at + rows * sizeof(int64_t));
-  l.means = at;
-  if (means) {
-    at = align_up(at + k * (size_t)p->cols * acc_bytes(p->dtype));
-  }
+  const auto take = [&at](size_t bytes) {
+    const size_t here = at;
+    at = align_up(at + bytes);
+    return here;
+  };
+  l.valid = take(sizeof(int64_t));
+  l.used = take(sizeof(int64_t));
+  l.row_val = take(rows * sizeof(double));
+  l.row_m = take(rows * sizeof(double));
+  l.row_ls = take(rows * sizeof(double));
+  l.counts = take(k * sizeof(int64_t));
+  l.slot_of = take(k * sizeof(int64_t));
+  l.slot_class = take(slots * sizeof(int64_t));
+  l.slot_count = take(slots * sizeof(int64_t));
+  l.slot_offset = take(slots * sizeof(int64_t));
+  l.cursor = take(slots * sizeof(int64_t));
+  l.order = take(rows * sizeof(int64_t));
+  l.means = take(means ? slots * (size_t)p->cols * acc_bytes(p->dtype) : 0);
   l.total = at;
   return l;
+}
+
+Slots slots_in(const Layout &l, char *ws) {
+  return Slots{(int64_t *)(ws + l.slot_of),    (int64_t *)(ws + l.slot_class),
+               (int64_t *)(ws + l.slot_count), (int64_t *)(ws + l.slot_offset),
+               (int64_t *)(ws + l.cursor),     (int64_t *)(ws + l.used)};
 }
 
 bool problem_ok(const mcmi_problem *p) {
@@ -456,30 +642,37 @@ unsigned blocks_for(int64_t n) {
   return (unsigned)((n + kThreads - 1) / kThreads);
 }
 
-/* Row stats, counts, offsets and order of the valid rows, then class sums
- * (or means) into out. */
+unsigned grid_y_for(int64_t tiles) {
+  return (unsigned)(tiles < (int64_t)kMaxGridY ? tiles : kMaxGridY);
+}
+
+/* MCMI_ERROR_LAUNCH when a launch of this call (or an earlier one on the
+ * thread) failed; clears the error. */
+mcmi_status launch_status() {
+  return cudaGetLastError() == cudaSuccess ? MCMI_OK : MCMI_ERROR_LAUNCH;
+}
+
+/* Row stats, counts, slots and row order of the rows with labels in range,
+ * then the sums (or means) of the classes present into out: by class
+ * (out_stride apart) or by slot (cols apart). Needs p.rows > 0. */
 template <typename T, int GROUP>
-void class_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
-                     int log_probs, int mean, typename AccOf<T>::type *out,
-                     int64_t out_stride, int64_t *counts, cudaStream_t s) {
+void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
+                    int log_probs, int mean, int by_class,
+                    typename AccOf<T>::type *out, int64_t out_stride,
+                    int64_t *counts, cudaStream_t s) {
   double *row_m = (double *)(ws + l.row_m), *row_ls = (double *)(ws + l.row_ls);
-  int64_t *offsets = (int64_t *)(ws + l.offsets),
-          *order = (int64_t *)(ws + l.order);
-  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
-  if (p.rows > 0) {
-    const unsigned row_blocks =
-        (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
-    row_stats<T, GROUP><<<row_blocks, kThreads, 0, s>>>(p, row_m, row_ls);
-    count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
-  }
-  class_offsets<<<1, 1, 0, s>>>(counts, p.classes, offsets);
-  if (p.rows > 0) {
-    order_rows<<<blocks_for(p.rows), kThreads, 0, s>>>(p, offsets, order);
-  }
-  const dim3 grid((unsigned)p.classes, blocks_for(p.cols));
-  class_sum_cols<T><<<grid, kThreads, 0, s>>>(p, row_m, row_ls, counts, offsets,
-                                              order, log_probs, mean, out,
-                                              out_stride);
+  const Slots sl = slots_in(l, ws);
+  const unsigned row_blocks =
+      (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
+  row_stats<T, GROUP><<<row_blocks, kThreads, 0, s>>>(p, row_m, row_ls);
+  count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
+  assign_slots<<<1, kThreads, 0, s>>>(counts, p.classes, sl);
+  order_rows<<<1, kThreads, 0, s>>>(p, sl, (int64_t *)(ws + l.order));
+  const dim3 grid((unsigned)max_slots(&p),
+                  grid_y_for((p.cols + kSumCols - 1) / kSumCols));
+  slot_sums<T><<<grid, kThreads, 0, s>>>(
+      p, row_m, row_ls, sl, (const int64_t *)(ws + l.order), log_probs, mean,
+      by_class, out, out_stride);
 }
 
 template <typename T, int GROUP>
@@ -491,18 +684,19 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
   int64_t *valid = (int64_t *)(ws + l.valid);
   double *row_val = (double *)(ws + l.row_val);
   A *means = batch ? (A *)(ws + l.means) : nullptr;
-  count_valid<<<1, kThreads, 0, s>>>(p, valid);
-  if (batch) {
-    class_sums_into<T, GROUP>(p, l, ws, 0, 1, means, p.cols,
-                              (int64_t *)(ws + l.counts), s);
-  }
+  int64_t *counts = (int64_t *)(ws + l.counts);
+  scan_targets<<<1, kThreads, 0, s>>>(p, valid, nullptr);
   const bool per_row = p.reduction == MCMI_REDUCTION_NONE;
   if (p.rows > 0) {
+    if (batch) {
+      cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+      slot_sums_into<T, GROUP>(p, l, ws, 0, 1, 0, means, p.cols, counts, s);
+    }
     const unsigned blocks =
         (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
     loss_rows<T, GROUP><<<blocks, kThreads, 0, s>>>(
-        p, means, valid, row_val, per_row ? (T *)loss : nullptr, loss_stride,
-        (T *)grad, grad_stride);
+        p, means, (const int64_t *)(ws + l.slot_of), valid, row_val,
+        per_row ? (T *)loss : nullptr, loss_stride, (T *)grad, grad_stride);
   }
   if (!per_row) {
     reduce_rows<T><<<1, kThreads, 0, s>>>(row_val, p.rows, valid,
@@ -522,15 +716,77 @@ void loss_dispatch(const mcmi_problem &p, void *loss, int64_t loss_stride,
 
 template <typename T>
 void sums_dispatch(const mcmi_problem &p, const Layout &l, char *ws,
-                   int log_probs, int mean, typename AccOf<T>::type *out,
-                   int64_t out_stride, int64_t *counts, cudaStream_t s) {
+                   int log_probs, int mean, int by_class,
+                   typename AccOf<T>::type *out, int64_t out_stride,
+                   int64_t *counts, cudaStream_t s) {
   if (p.cols <= 1024) {
-    class_sums_into<T, kWarp>(p, l, ws, log_probs, mean, out, out_stride,
-                              counts, s);
+    slot_sums_into<T, kWarp>(p, l, ws, log_probs, mean, by_class, out,
+                             out_stride, counts, s);
   } else {
-    class_sums_into<T, kThreads>(p, l, ws, log_probs, mean, out, out_stride,
-                                 counts, s);
+    slot_sums_into<T, kThreads>(p, l, ws, log_probs, mean, by_class, out,
+                                out_stride, counts, s);
   }
+}
+
+/* Class sums (by class) or means (by slot) in A: float64 logits for double,
+ * any other dtype for float. */
+template <typename A>
+void sums_any(const mcmi_problem &p, const Layout &l, char *ws, int log_probs,
+              int mean, int by_class, A *out, int64_t out_stride,
+              int64_t *counts, cudaStream_t s) {
+  if constexpr (sizeof(A) == sizeof(double)) {
+    sums_dispatch<double>(p, l, ws, log_probs, mean, by_class, out, out_stride,
+                          counts, s);
+  } else if (p.dtype == MCMI_BFLOAT16) {
+    sums_dispatch<__nv_bfloat16>(p, l, ws, log_probs, mean, by_class, out,
+                                 out_stride, counts, s);
+  } else if (p.dtype == MCMI_FLOAT16) {
+    sums_dispatch<__half>(p, l, ws, log_probs, mean, by_class, out, out_stride,
+                          counts, s);
+  } else {
+    sums_dispatch<float>(p, l, ws, log_probs, mean, by_class, out, out_stride,
+                         counts, s);
+  }
+}
+
+template <typename A>
+void class_sums_launch(const mcmi_problem &p, int log_probs, A *sums,
+                       int64_t sums_stride, int64_t *counts, int64_t *bad_row,
+                       char *ws, cudaStream_t s) {
+  const Layout l = make_layout(&p, false);
+  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), bad_row);
+  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+  if (p.rows > 0) {
+    sums_any<A>(p, l, ws, log_probs, 0, 1, sums, sums_stride, counts, s);
+  }
+  const int64_t total = p.classes * p.cols;
+  const unsigned blocks =
+      (unsigned)(total / kThreads + 1 < 65535 ? total / kThreads + 1 : 65535);
+  zero_absent<A><<<blocks, kThreads, 0, s>>>(counts, p.classes, p.cols, sums,
+                                             sums_stride);
+}
+
+template <typename A>
+void ema_launch(const mcmi_problem &p, A momentum, A *centroids,
+                int64_t centroids_stride, uint8_t *seen, int64_t *bad_row,
+                char *ws, cudaStream_t s) {
+  const Layout l = make_layout(&p, true);
+  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), bad_row);
+  if (p.rows == 0) {
+    return;
+  }
+  int64_t *counts = (int64_t *)(ws + l.counts);
+  A *means = (A *)(ws + l.means);
+  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+  sums_any<A>(p, l, ws, 0, 1, 0, means, p.cols, counts, s);
+  const Slots sl = slots_in(l, ws);
+  const int64_t slots = max_slots(&p);
+  const dim3 grid((unsigned)slots,
+                  grid_y_for((p.cols + kThreads - 1) / kThreads));
+  ema_apply<A><<<grid, kThreads, 0, s>>>(means, sl, p.cols, momentum, bad_row,
+                                         seen, centroids, centroids_stride);
+  ema_mark_seen<<<blocks_for(slots), kThreads, 0, s>>>(sl, slots, bad_row,
+                                                       seen);
 }
 
 } // namespace
@@ -571,75 +827,48 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
     loss_dispatch<__half>(*p, loss, loss_stride, grad, grad_stride, ws, s);
     break;
   }
-  return MCMI_OK;
+  return launch_status();
 }
 
 mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
                                  void *sums, int64_t sums_stride,
-                                 int64_t *counts, void *workspace,
-                                 void *stream) {
+                                 int64_t *counts, int64_t *bad_row,
+                                 void *workspace, void *stream) {
   if (!problem_ok(p) || sums == nullptr || counts == nullptr ||
-      workspace == nullptr) {
+      bad_row == nullptr || workspace == nullptr) {
     return MCMI_ERROR_ARGUMENT;
   }
-  const Layout l = make_layout(p, true);
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
-  switch (p->dtype) {
-  case MCMI_FLOAT32:
-    sums_dispatch<float>(*p, l, ws, log_probs, 0, (float *)sums, sums_stride,
-                         counts, s);
-    break;
-  case MCMI_FLOAT64:
-    sums_dispatch<double>(*p, l, ws, log_probs, 0, (double *)sums, sums_stride,
-                          counts, s);
-    break;
-  case MCMI_BFLOAT16:
-    sums_dispatch<__nv_bfloat16>(*p, l, ws, log_probs, 0, (float *)sums,
-                                 sums_stride, counts, s);
-    break;
-  case MCMI_FLOAT16:
-    sums_dispatch<__half>(*p, l, ws, log_probs, 0, (float *)sums, sums_stride,
-                          counts, s);
-    break;
+  if (p->dtype == MCMI_FLOAT64) {
+    class_sums_launch<double>(*p, log_probs, (double *)sums, sums_stride,
+                              counts, bad_row, ws, s);
+  } else {
+    class_sums_launch<float>(*p, log_probs, (float *)sums, sums_stride, counts,
+                             bad_row, ws, s);
   }
-  return MCMI_OK;
+  return launch_status();
 }
 
 mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *centroids, int64_t centroids_stride,
-                                 uint8_t *seen, void *workspace, void *stream) {
+                                 uint8_t *seen, int64_t *bad_row,
+                                 void *workspace, void *stream) {
   if (!problem_ok(p) || centroids == nullptr || seen == nullptr ||
-      workspace == nullptr || !(momentum > 0.0 && momentum <= 1.0)) {
+      bad_row == nullptr || workspace == nullptr ||
+      !(momentum > 0.0 && momentum <= 1.0)) {
     return MCMI_ERROR_ARGUMENT;
   }
-  const Layout l = make_layout(p, true);
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
-  int64_t *counts = (int64_t *)(ws + l.counts);
-  const dim3 grid((unsigned)p->classes, blocks_for(p->cols));
   if (p->dtype == MCMI_FLOAT64) {
-    double *means = (double *)(ws + l.means);
-    sums_dispatch<double>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    ema_apply<double>
-        <<<grid, kThreads, 0, s>>>(means, counts, p->cols, momentum, seen,
-                                   (double *)centroids, centroids_stride);
+    ema_launch<double>(*p, momentum, (double *)centroids, centroids_stride,
+                       seen, bad_row, ws, s);
   } else {
-    float *means = (float *)(ws + l.means);
-    if (p->dtype == MCMI_FLOAT32) {
-      sums_dispatch<float>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    } else if (p->dtype == MCMI_BFLOAT16) {
-      sums_dispatch<__nv_bfloat16>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    } else {
-      sums_dispatch<__half>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    }
-    ema_apply<float>
-        <<<grid, kThreads, 0, s>>>(means, counts, p->cols, (float)momentum,
-                                   seen, (float *)centroids, centroids_stride);
+    ema_launch<float>(*p, (float)momentum, (float *)centroids, centroids_stride,
+                      seen, bad_row, ws, s);
   }
-  ema_mark_seen<<<blocks_for(p->classes), kThreads, 0, s>>>(counts, p->classes,
-                                                            seen);
-  return MCMI_OK;
+  return launch_status();
 }
 
 mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
@@ -660,20 +889,20 @@ mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
   case MCMI_FLOAT32:
     scale_rows_kernel<float><<<blocks, kThreads, 0, s>>>(
         (float *)x, rows, cols, stride, (const float *)scale, scale_stride);
-    return MCMI_OK;
+    return launch_status();
   case MCMI_FLOAT64:
     scale_rows_kernel<double><<<blocks, kThreads, 0, s>>>(
         (double *)x, rows, cols, stride, (const double *)scale, scale_stride);
-    return MCMI_OK;
+    return launch_status();
   case MCMI_BFLOAT16:
     scale_rows_kernel<__nv_bfloat16><<<blocks, kThreads, 0, s>>>(
         (__nv_bfloat16 *)x, rows, cols, stride, (const __nv_bfloat16 *)scale,
         scale_stride);
-    return MCMI_OK;
+    return launch_status();
   case MCMI_FLOAT16:
     scale_rows_kernel<__half><<<blocks, kThreads, 0, s>>>(
         (__half *)x, rows, cols, stride, (const __half *)scale, scale_stride);
-    return MCMI_OK;
+    return launch_status();
   }
   return MCMI_ERROR_ARGUMENT;
 }
