@@ -4,13 +4,14 @@
  *
  * A group of threads handles one row: a warp for rows of up to 1024
  * columns, the whole block (256 threads) for longer rows. Each thread keeps
- * online-softmax partials (running maximum m, sum of e^{u-m}, sum of
- * e^{u-m} (u - log q)) over its strided columns; the group combines them in
- * a fixed order (butterfly shuffles, then warps in index order), so results
- * are deterministic. The gradient is written in a second pass over the row,
- * which mostly hits L2. Class sums use integer counts and a per-class row
- * order (rank of each row within its class), then one thread per (class,
- * column) sums its rows in row order: no floating-point atomics.
+ * online-softmax partials over its strided columns, relative to its running
+ * maximum (see Partial); the group combines them in a fixed order
+ * (butterfly shuffles, then warps in index order), so results are bitwise
+ * repeatable. The gradient is written in a second pass over the row, which
+ * mostly hits L2. Class sums: integer counts, compact slots for the classes
+ * present, the rows of each slot in row order (one block, O(rows + classes)
+ * work), then a block per (slot, 32 columns) whose warps sum interleaved
+ * rows and add their partials in warp order: no floating-point atomics.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
