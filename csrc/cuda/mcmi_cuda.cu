@@ -3,7 +3,8 @@
  * row scaling, with extern "C" launchers (see mcmi_cuda.h).
  *
  * A group of threads handles one row: a warp for rows of up to 1024
- * columns, the whole block (256 threads) for longer rows. Each thread keeps
+ * columns, the whole block (256 threads) for longer rows, and several
+ * blocks for a few long rows (the split-row path). Each thread keeps
  * online-softmax partials over its strided columns, relative to its running
  * maximum (see Partial); the group combines them in a fixed order
  * (butterfly shuffles, then warps in index order), so results are bitwise
@@ -155,11 +156,128 @@ __device__ __forceinline__ RowKL<A> finalize_kl(const Partial<A> &p) {
   return RowKL<A>{ls, p.a / p.s - ls};
 }
 
+/* The centroid row of a valid row with label y: in-batch means by slot, the
+ * given centroids, or NULL for a label out of range. */
+template <typename A>
+__device__ __forceinline__ const A *
+row_centroids(const mcmi_problem &p, const A *q_batch, const int64_t *slot_of,
+              int64_t y) {
+  if (y < 0 || y >= p.classes) {
+    return nullptr;
+  }
+  return q_batch ? q_batch + slot_of[y] * p.cols
+                 : (const A *)p.centroids + y * p.centroids_stride;
+}
+
+/* What the loss of one row reads besides its logits and centroids. */
+template <typename A> struct RowSetup {
+  A inv_t, qfloor;
+  int is_log;    /* centroids hold logs */
+  bool check_q;  /* given centroids: check that the row sums to 1 */
+  bool separate; /* CE needs its own softmax (T != 1) */
+};
+
+template <typename A>
+__device__ __forceinline__ RowSetup<A> row_setup(const mcmi_problem &p,
+                                                 bool batch) {
+  const int is_log = batch ? 0 : p.log_centroids;
+  return RowSetup<A>{(A)(1.0 / p.temperature), (A)p.floor, is_log,
+                     !batch && !is_log,
+                     p.ce_weight != 0.0 && p.temperature != 1.0};
+}
+
+/* Pushes columns begin, begin + step, ... < end of row z into the partials
+ * (at_one: the softmax at T = 1 of the CE term, when separate). */
+template <typename T, typename A>
+__device__ void accumulate_row(const T *z, const A *q, const RowSetup<A> &su,
+                               int64_t begin, int64_t end, int64_t step,
+                               Partial<A> &main, Partial<A> &at_one) {
+  for (int64_t j = begin; j < end; j += step) {
+    const A zj = load(z[j]);
+    const A qj = q ? q[j] : (A)NAN;
+    push(main, zj, su.inv_t, log_centroid(qj, su.is_log, su.qfloor));
+    main.q += qj;
+    if (su.separate) {
+      push(at_one, zj, (A)1, (A)0);
+    }
+  }
+}
+
+/* A valid row's value and what its gradient needs, from its combined
+ * partials. A label out of range, or a given centroid row that does not
+ * sum to 1, makes the row NaN. */
+template <typename A> struct RowResult {
+  A m, ls, kl, ls1;
+  int nan_row;
+  double value;
+};
+
+template <typename T, typename A>
+__device__ RowResult<A>
+row_result(const mcmi_problem &p, const T *z, int64_t y, const RowSetup<A> &su,
+           const Partial<A> &main, const Partial<A> &at_one) {
+  const bool bad = y < 0 || y >= p.classes;
+  const RowKL<A> r = finalize_kl(main);
+  const A ls1 = su.separate ? dlog(at_one.s) : r.ls;
+  const bool q_off = su.check_q && !(fabs((double)main.q - 1.0) <=
+                                     MCMI_CENTROID_SUM_TOLERANCE);
+  const bool want_ce = p.ce_weight != 0.0;
+  const A ce = want_ce && !bad ? (main.m - load(z[y])) + ls1 : (A)0;
+  const bool nan_row = bad || q_off;
+  const double value =
+      nan_row ? (double)NAN
+              : p.ce_weight * (double)ce + p.cmi_weight * (double)r.kl;
+  return RowResult<A>{main.m, r.ls, r.kl, ls1, nan_row ? 1 : 0, value};
+}
+
+/* Writes columns begin, begin + step, ... < end of a valid row's gradient:
+ * d(loss)/dz_j = kc P_j (log P_j - log q_j - KL) + kce (P1_j - [j == y]). */
+template <typename T, typename A>
+__device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
+                           int64_t y, const RowSetup<A> &su,
+                           const RowResult<A> &r, const int64_t *valid, T *g,
+                           int64_t begin, int64_t end, int64_t step) {
+  const int64_t n = *valid;
+  const double norm =
+      (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
+  const A kc = (A)(p.cmi_weight / (p.temperature * norm));
+  const A kce = (A)(p.ce_weight / norm);
+  const A shift = r.ls + r.kl;
+  for (int64_t j = begin; j < end; j += step) {
+    const A zj = load(z[j]);
+    const A d = (zj - r.m) * su.inv_t;
+    const A lq = q ? log_centroid(q[j], su.is_log, su.qfloor) : (A)NAN;
+    const A pj = dexp(d - r.ls);
+    const A p1 = su.separate ? dexp((zj - r.m) - r.ls1) : pj;
+    A v = kc * pj * ((d - lq) - shift) + kce * p1;
+    if (j == y) {
+      v -= kce;
+    }
+    g[j] = store<T>(r.nan_row ? (A)NAN : v);
+  }
+}
+
+/* Value (and, for 'none', rows_out) and zero gradient of an ignored row,
+ * by the threads lane = 0, 1, ... < step of its group. */
+template <typename T>
+__device__ void ignored_row(int64_t row, double *row_val, T *rows_out,
+                            int64_t rows_stride, T *g, int64_t begin,
+                            int64_t end, int64_t step, bool first) {
+  using A = typename AccOf<T>::type;
+  if (first) {
+    row_val[row] = 0.0;
+    if (rows_out) {
+      rows_out[row * rows_stride] = store<T>((A)0);
+    }
+  }
+  for (int64_t j = begin; g && j < end; j += step) {
+    g[j] = store<T>((A)0);
+  }
+}
+
 /* One row per group: loss value (row_val, and rows_out for 'none') and,
  * when grad != NULL, the gradient row. q_batch: in-batch class means
- * [slot][cols] with slot_of[class], or NULL for the problem's centroids.
- * A row whose label is out of range, or whose given centroid row does not
- * sum to 1, gets NaN as value and gradient. */
+ * [slot][cols] with slot_of[class], or NULL for the problem's centroids. */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
     loss_rows(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
@@ -177,77 +295,124 @@ __global__ void __launch_bounds__(kThreads)
   T *g = grad ? grad + row * grad_stride : nullptr;
   const int64_t y = p.target[row * p.target_stride];
   if (y == p.ignore_index) {
-    if (lane == 0) {
-      row_val[row] = 0.0;
-      if (rows_out) {
-        rows_out[row * rows_stride] = store<T>((A)0);
-      }
-    }
-    for (int64_t j = lane; g && j < p.cols; j += GROUP) {
-      g[j] = store<T>((A)0);
-    }
+    ignored_row(row, row_val, rows_out, rows_stride, g, lane, p.cols, GROUP,
+                lane == 0);
     return;
   }
-  const bool bad = y < 0 || y >= p.classes;
-  const A *q = bad       ? nullptr
-               : q_batch ? q_batch + slot_of[y] * p.cols
-                         : (const A *)p.centroids + y * p.centroids_stride;
-  const int is_log = q_batch ? 0 : p.log_centroids;
-  const bool check_q = !q_batch && !is_log;
-  const A inv_t = (A)(1.0 / p.temperature), qfloor = (A)p.floor;
-  const bool want_ce = p.ce_weight != 0.0;
-  const bool separate = want_ce && p.temperature != 1.0;
-
+  const A *q = row_centroids(p, q_batch, slot_of, y);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
-  for (int64_t j = lane; j < p.cols; j += GROUP) {
-    const A zj = load(z[j]);
-    const A qj = q ? q[j] : (A)NAN;
-    push(main, zj, inv_t, log_centroid(qj, is_log, qfloor));
-    main.q += qj;
-    if (separate) {
-      push(at_one, zj, (A)1, (A)0);
-    }
-  }
-  main = group_reduce<A, GROUP>(main, inv_t, shared);
-  if (separate) {
+  accumulate_row(z, q, su, lane, p.cols, GROUP, main, at_one);
+  main = group_reduce<A, GROUP>(main, su.inv_t, shared);
+  if (su.separate) {
     at_one = group_reduce<A, GROUP>(at_one, (A)1, shared);
   }
-  const RowKL<A> r = finalize_kl(main);
-  const A ls1 = separate ? dlog(at_one.s) : r.ls;
-  const bool q_off =
-      check_q && !(fabs((double)main.q - 1.0) <= MCMI_CENTROID_SUM_TOLERANCE);
-  const bool nan_row = bad || q_off;
-  const A ce = want_ce && !bad ? (main.m - load(z[y])) + ls1 : (A)0;
-  const double value =
-      nan_row ? (double)NAN
-              : p.ce_weight * (double)ce + p.cmi_weight * (double)r.kl;
+  const RowResult<A> r = row_result(p, z, y, su, main, at_one);
   if (lane == 0) {
-    row_val[row] = value;
+    row_val[row] = r.value;
     if (rows_out) {
-      rows_out[row * rows_stride] = store<T>((A)value);
+      rows_out[row * rows_stride] = store<T>((A)r.value);
     }
   }
-  if (!g) {
+  if (g) {
+    write_grad(p, z, q, y, su, r, valid, g, lane, p.cols, GROUP);
+  }
+}
+
+/* The split-row path, for a few long rows: `splits` blocks share a row,
+ * each taking a contiguous chunk of `chunk` columns. */
+struct Split {
+  int64_t splits, chunk;
+};
+
+/* Pass 1: block (s, row) reduces its chunk to partials parts[row][s][0..1]
+ * (main, at_one). */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    split_partials(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
+                   const int64_t *slot_of, Split sp,
+                   Partial<typename AccOf<T>::type> *parts) {
+  using A = typename AccOf<T>::type;
+  __shared__ Partial<A> shared[kThreads / kWarp];
+  const int64_t row = blockIdx.y, s = blockIdx.x;
+  const int64_t y = p.target[row * p.target_stride];
+  if (y == p.ignore_index) {
+    return; /* uniform over the block */
+  }
+  const T *z = (const T *)p.logits + row * p.logits_stride;
+  const A *q = row_centroids(p, q_batch, slot_of, y);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  const int64_t begin = s * sp.chunk;
+  const int64_t end = begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols;
+  Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
+  accumulate_row(z, q, su, begin + threadIdx.x, end, kThreads, main, at_one);
+  main = group_reduce<A, kThreads>(main, su.inv_t, shared);
+  if (su.separate) {
+    at_one = group_reduce<A, kThreads>(at_one, (A)1, shared);
+  }
+  if (threadIdx.x == 0) {
+    parts[(row * sp.splits + s) * 2] = main;
+    parts[(row * sp.splits + s) * 2 + 1] = at_one;
+  }
+}
+
+/* Pass 2, a thread per row: combines the row's partials in chunk order
+ * into its value (row_val, rows_out) and results[row]. */
+template <typename T>
+__global__ void split_results(const mcmi_problem p, bool batch, Split sp,
+                              const Partial<typename AccOf<T>::type> *parts,
+                              RowResult<typename AccOf<T>::type> *results,
+                              double *row_val, T *rows_out,
+                              int64_t rows_stride) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (row >= p.rows) {
     return;
   }
-  const int64_t n = *valid;
-  const double norm =
-      (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
-  const A kc = (A)(p.cmi_weight / (p.temperature * norm));
-  const A kce = (A)(p.ce_weight / norm);
-  const A shift = r.ls + r.kl;
-  for (int64_t j = lane; j < p.cols; j += GROUP) {
-    const A zj = load(z[j]);
-    const A d = (zj - main.m) * inv_t;
-    const A lq = q ? log_centroid(q[j], is_log, qfloor) : (A)NAN;
-    const A pj = dexp(d - r.ls);
-    const A p1 = separate ? dexp((zj - main.m) - ls1) : pj;
-    A v = kc * pj * ((d - lq) - shift) + kce * p1;
-    if (j == y) {
-      v -= kce;
-    }
-    g[j] = store<T>(nan_row ? (A)NAN : v);
+  const int64_t y = p.target[row * p.target_stride];
+  if (y == p.ignore_index) {
+    ignored_row<T>(row, row_val, rows_out, rows_stride, nullptr, 0, 0, 1, true);
+    return;
   }
+  const RowSetup<A> su = row_setup<A>(p, batch);
+  const Partial<A> *mine = parts + row * sp.splits * 2;
+  Partial<A> main = mine[0], at_one = mine[1];
+  for (int64_t s = 1; s < sp.splits; ++s) {
+    main = combine(main, mine[2 * s], su.inv_t);
+    at_one = combine(at_one, mine[2 * s + 1], (A)1);
+  }
+  const T *z = (const T *)p.logits + row * p.logits_stride;
+  const RowResult<A> r = row_result(p, z, y, su, main, at_one);
+  results[row] = r;
+  row_val[row] = r.value;
+  if (rows_out) {
+    rows_out[row * rows_stride] = store<T>((A)r.value);
+  }
+}
+
+/* Pass 3: block (s, row) writes its chunk of the gradient. */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    split_grad(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
+               const int64_t *slot_of, Split sp,
+               const RowResult<typename AccOf<T>::type> *results,
+               const int64_t *valid, T *grad, int64_t grad_stride) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = blockIdx.y, s = blockIdx.x;
+  const int64_t begin = s * sp.chunk;
+  const int64_t end = begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols;
+  const int64_t y = p.target[row * p.target_stride];
+  const T *z = (const T *)p.logits + row * p.logits_stride;
+  T *g = grad + row * grad_stride;
+  if (y == p.ignore_index) {
+    ignored_row<T>(row, nullptr, nullptr, 0, g, begin + threadIdx.x, end,
+                   kThreads, false);
+    return;
+  }
+  const A *q = row_centroids(p, q_batch, slot_of, y);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  write_grad(p, z, q, y, su, results[row], valid, g, begin + threadIdx.x, end,
+             kThreads);
 }
 
 /* Sum over the threads of a one-block launch, in a fixed tree order; the
@@ -583,13 +748,36 @@ int64_t max_slots(const mcmi_problem *p) {
   return p->rows < p->classes ? p->rows : p->classes;
 }
 
-/* Device workspace: valid count, per-row values and stats,
- * class counts, slot tables, row order, and (in-batch or EMA) the means of
- * the classes present, [min(rows, classes)][cols]. */
+/* Device workspace: valid count, per-row values and stats, class counts,
+ * slot tables, row order, (in-batch or EMA) the means of the classes
+ * present, [min(rows, classes)][cols], and the split-row partials and
+ * results. */
 struct Layout {
   size_t valid, row_val, row_m, row_ls, counts, slot_of, slot_class, slot_count,
-      slot_offset, cursor, used, order, means, total;
+      slot_offset, cursor, used, order, means, parts, results, total;
 };
+
+/* The split-row path serves fewer than kSplitMaxRows rows of at least
+ * kSplitMinCols columns: up to about kSplitBlocks blocks in all, chunks of
+ * at least kSplitMinChunk columns (a multiple of the warp size). */
+constexpr int64_t kSplitMaxRows = 256, kSplitMinCols = 8192,
+                  kSplitBlocks = 1024, kSplitMinChunk = 4096;
+
+Split split_plan(const mcmi_problem *p) {
+  const Split none{1, p->cols};
+  if (p->rows == 0 || p->rows >= kSplitMaxRows || p->cols < kSplitMinCols) {
+    return none;
+  }
+  int64_t splits = (p->cols + kSplitMinChunk - 1) / kSplitMinChunk;
+  const int64_t fill = (kSplitBlocks + p->rows - 1) / p->rows;
+  splits = splits < fill ? splits : fill;
+  if (splits < 2) {
+    return none;
+  }
+  int64_t chunk = (p->cols + splits - 1) / splits;
+  chunk = (chunk + kWarp - 1) / kWarp * kWarp;
+  return Split{(p->cols + chunk - 1) / chunk, chunk};
+}
 
 Layout make_layout(const mcmi_problem *p, bool means) {
   const size_t rows = (size_t)p->rows, k = (size_t)p->classes,
@@ -614,6 +802,10 @@ Layout make_layout(const mcmi_problem *p, bool means) {
   l.cursor = take(slots * sizeof(int64_t));
   l.order = take(rows * sizeof(int64_t));
   l.means = take(means ? slots * (size_t)p->cols * acc_bytes(p->dtype) : 0);
+  const Split sp = split_plan(p);
+  const size_t split_rows = sp.splits > 1 ? rows : 0;
+  l.parts = take(split_rows * (size_t)sp.splits * 2 * sizeof(Partial<double>));
+  l.results = take(split_rows * sizeof(RowResult<double>));
   l.total = at;
   return l;
 }
@@ -688,16 +880,32 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
   int64_t *counts = (int64_t *)(ws + l.counts);
   scan_targets<<<1, kThreads, 0, s>>>(p, valid, nullptr);
   const bool per_row = p.reduction == MCMI_REDUCTION_NONE;
+  T *rows_out = per_row ? (T *)loss : nullptr;
+  const int64_t *slot_of = (const int64_t *)(ws + l.slot_of);
+  const Split sp = split_plan(&p);
   if (p.rows > 0) {
     if (batch) {
       cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
       slot_sums_into<T, GROUP>(p, l, ws, 0, 1, 0, means, p.cols, counts, s);
     }
-    const unsigned blocks =
-        (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
-    loss_rows<T, GROUP><<<blocks, kThreads, 0, s>>>(
-        p, means, (const int64_t *)(ws + l.slot_of), valid, row_val,
-        per_row ? (T *)loss : nullptr, loss_stride, (T *)grad, grad_stride);
+    if (sp.splits > 1) {
+      Partial<A> *parts = (Partial<A> *)(ws + l.parts);
+      RowResult<A> *results = (RowResult<A> *)(ws + l.results);
+      const dim3 grid((unsigned)sp.splits, (unsigned)p.rows);
+      split_partials<T><<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, parts);
+      split_results<T><<<blocks_for(p.rows), kThreads, 0, s>>>(
+          p, batch, sp, parts, results, row_val, rows_out, loss_stride);
+      if (grad) {
+        split_grad<T><<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, results,
+                                                valid, (T *)grad, grad_stride);
+      }
+    } else {
+      const unsigned blocks =
+          (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
+      loss_rows<T, GROUP><<<blocks, kThreads, 0, s>>>(
+          p, means, slot_of, valid, row_val, rows_out, loss_stride, (T *)grad,
+          grad_stride);
+    }
   }
   if (!per_row) {
     reduce_rows<T><<<1, kThreads, 0, s>>>(row_val, p.rows, valid,

@@ -237,6 +237,9 @@ static void check_loss(loss_case c) {
                     ? -100
                     : (int64_t)(uniform() * (double)k);
   }
+  if (c.special == NONFINITE && rows > 4) {
+    y[4 * ys] = 0; /* the all-NaN row counts */
+  }
   mcmi_problem p;
   memset(&p, 0, sizeof p);
   p.rows = rows, p.cols = cols, p.classes = k, p.dtype = t;
@@ -490,6 +493,8 @@ static void check_workspace(void) {
   memset(&p, 0, sizeof p);
   p.rows = 4, p.cols = 40000, p.classes = 40000, p.dtype = MCMI_FLOAT32;
   p.temperature = 1.0, p.floor = 1e-12;
+  const int64_t any = 0;
+  p.logits = &any, p.target = &any; /* only sizes are read */
   const size_t bytes = mcmi_cuda_loss_workspace(&p);
   CHECK(bytes > 4 * 40000 * sizeof(float) &&
             bytes < 4 * 40000 * sizeof(float) + (1u << 20),
@@ -502,9 +507,11 @@ int main(void) {
     fprintf(stderr, "no CUDA device: this program needs a GPU to run\n");
     return 77;
   }
-  /* rows, cols, classes: K == C, K < C, long rows (block per row). */
+  /* rows, cols, classes: K == C, K < C, long rows (a block per row), and a
+   * few long rows (split over several blocks each). */
   const int64_t shapes[][3] = {{1, 1, 1},        {7, 10, 10},   {64, 100, 37},
-                               {33, 1000, 1000}, {9, 3000, 40}, {3, 40000, 8}};
+                               {33, 1000, 1000}, {9, 3000, 40}, {3, 40000, 8},
+                               {2, 20000, 16}};
   const mcmi_dtype dtypes[] = {MCMI_FLOAT32, MCMI_FLOAT64, MCMI_BFLOAT16,
                                MCMI_FLOAT16};
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; ++s) {
@@ -531,7 +538,7 @@ int main(void) {
   }
   for (int mode = 0; mode < 3; ++mode) {
     for (int special = 0; special < 4; ++special) {
-      /* C <= 32 (a lane per column) and a block per row; strided. */
+      /* C <= 32 (a lane per column) and split rows; strided. */
       loss_case small = {9,   10,           10, mode,   MCMI_REDUCTION_NONE,
                          1.0, MCMI_FLOAT32, 3,  special};
       loss_case big = {6,   2000,         50, mode,   MCMI_REDUCTION_MEAN,
