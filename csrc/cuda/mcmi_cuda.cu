@@ -186,20 +186,46 @@ __device__ __forceinline__ RowSetup<A> row_setup(const mcmi_problem &p,
                      p.ce_weight != 0.0 && p.temperature != 1.0};
 }
 
-/* Pushes columns begin, begin + step, ... < end of row z into the partials
- * (at_one: the softmax at T = 1 of the CE term, when separate). */
+/* 16 bytes of T, for vector loads and stores. */
+template <typename T> struct alignas(16) Vec {
+  T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool aligned16(const void *x) {
+  return ((uintptr_t)x & 15u) == 0;
+}
+
+/* Pushes columns [begin, end) of row z into the partials (at_one: the
+ * softmax at T = 1 of the CE term, when separate), shared among `group`
+ * threads of which this is `lane`: in 16-byte vectors when z + begin is
+ * 16-byte aligned (then a scalar tail), else one column at a time. */
 template <typename T, typename A>
 __device__ void accumulate_row(const T *z, const A *q, const RowSetup<A> &su,
-                               int64_t begin, int64_t end, int64_t step,
+                               int64_t begin, int64_t end, int lane, int group,
                                Partial<A> &main, Partial<A> &at_one) {
-  for (int64_t j = begin; j < end; j += step) {
-    const A zj = load(z[j]);
+  constexpr int V = 16 / sizeof(T);
+  const auto column = [&](A zj, int64_t j) {
     const A qj = q ? q[j] : (A)NAN;
     push(main, zj, su.inv_t, log_centroid(qj, su.is_log, su.qfloor));
     main.q += qj;
     if (su.separate) {
       push(at_one, zj, (A)1, (A)0);
     }
+  };
+  int64_t tail = begin;
+  if (aligned16(z + begin)) {
+    const int64_t nv = (end - begin) / V;
+    const Vec<T> *zv = (const Vec<T> *)(z + begin);
+    for (int64_t k = lane; k < nv; k += group) {
+      const Vec<T> w = zv[k];
+      for (int e = 0; e < V; ++e) {
+        column(load(w.v[e]), begin + k * V + e);
+      }
+    }
+    tail = begin + nv * V;
+  }
+  for (int64_t j = tail + lane; j < end; j += group) {
+    column(load(z[j]), j);
   }
 }
 
@@ -230,21 +256,22 @@ row_result(const mcmi_problem &p, const T *z, int64_t y, const RowSetup<A> &su,
   return RowResult<A>{main.m, r.ls, r.kl, ls1, nan_row ? 1 : 0, value};
 }
 
-/* Writes columns begin, begin + step, ... < end of a valid row's gradient:
- * d(loss)/dz_j = kc P_j (log P_j - log q_j - KL) + kce (P1_j - [j == y]). */
+/* Writes columns [begin, end) of a valid row's gradient,
+ * d(loss)/dz_j = kc P_j (log P_j - log q_j - KL) + kce (P1_j - [j == y]),
+ * shared as in accumulate_row (vectors when z and g are both aligned). */
 template <typename T, typename A>
 __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
                            int64_t y, const RowSetup<A> &su,
                            const RowResult<A> &r, const int64_t *valid, T *g,
-                           int64_t begin, int64_t end, int64_t step) {
+                           int64_t begin, int64_t end, int lane, int group) {
+  constexpr int V = 16 / sizeof(T);
   const int64_t n = *valid;
   const double norm =
       (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
   const A kc = (A)(p.cmi_weight / (p.temperature * norm));
   const A kce = (A)(p.ce_weight / norm);
   const A shift = r.ls + r.kl;
-  for (int64_t j = begin; j < end; j += step) {
-    const A zj = load(z[j]);
+  const auto grad_of = [&](A zj, int64_t j) {
     const A d = (zj - r.m) * su.inv_t;
     const A lq = q ? log_centroid(q[j], su.is_log, su.qfloor) : (A)NAN;
     const A pj = dexp(d - r.ls);
@@ -253,7 +280,25 @@ __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
     if (j == y) {
       v -= kce;
     }
-    g[j] = store<T>(r.nan_row ? (A)NAN : v);
+    return store<T>(r.nan_row ? (A)NAN : v);
+  };
+  int64_t tail = begin;
+  if (aligned16(z + begin) && aligned16(g + begin)) {
+    const int64_t nv = (end - begin) / V;
+    const Vec<T> *zv = (const Vec<T> *)(z + begin);
+    Vec<T> *gv = (Vec<T> *)(g + begin);
+    for (int64_t k = lane; k < nv; k += group) {
+      const Vec<T> w = zv[k];
+      Vec<T> o;
+      for (int e = 0; e < V; ++e) {
+        o.v[e] = grad_of(load(w.v[e]), begin + k * V + e);
+      }
+      gv[k] = o;
+    }
+    tail = begin + nv * V;
+  }
+  for (int64_t j = tail + lane; j < end; j += group) {
+    g[j] = grad_of(load(z[j]), j);
   }
 }
 
@@ -302,7 +347,7 @@ __global__ void __launch_bounds__(kThreads)
   const A *q = row_centroids(p, q_batch, slot_of, y);
   const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
-  accumulate_row(z, q, su, lane, p.cols, GROUP, main, at_one);
+  accumulate_row(z, q, su, 0, p.cols, lane, GROUP, main, at_one);
   main = group_reduce<A, GROUP>(main, su.inv_t, shared);
   if (su.separate) {
     at_one = group_reduce<A, GROUP>(at_one, (A)1, shared);
@@ -315,7 +360,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (g) {
-    write_grad(p, z, q, y, su, r, valid, g, lane, p.cols, GROUP);
+    write_grad(p, z, q, y, su, r, valid, g, 0, p.cols, lane, GROUP);
   }
 }
 
@@ -345,7 +390,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = s * sp.chunk;
   const int64_t end = begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols;
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
-  accumulate_row(z, q, su, begin + threadIdx.x, end, kThreads, main, at_one);
+  accumulate_row(z, q, su, begin, end, (int)threadIdx.x, kThreads, main,
+                 at_one);
   main = group_reduce<A, kThreads>(main, su.inv_t, shared);
   if (su.separate) {
     at_one = group_reduce<A, kThreads>(at_one, (A)1, shared);
@@ -411,8 +457,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const A *q = row_centroids(p, q_batch, slot_of, y);
   const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
-  write_grad(p, z, q, y, su, results[row], valid, g, begin + threadIdx.x, end,
-             kThreads);
+  write_grad(p, z, q, y, su, results[row], valid, g, begin, end,
+             (int)threadIdx.x, kThreads);
 }
 
 /* Sum over the threads of a one-block launch, in a fixed tree order; the
