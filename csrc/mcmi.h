@@ -50,7 +50,9 @@ typedef enum {
   MCMI_ERROR_CENTROIDS = 2,
   /* A null pointer, a bad size (K > C with a CE term included) or an
    * unknown enum value. */
-  MCMI_ERROR_ARGUMENT = 3
+  MCMI_ERROR_ARGUMENT = 3,
+  /* A CUDA kernel launch failed (CUDA kernels only). */
+  MCMI_ERROR_LAUNCH = 4
 } mcmi_status;
 
 /* Tolerance on |sum_j Q_cj - 1| for user-given centroid rows. */

@@ -109,6 +109,67 @@ def test_cuda_device_errors_and_bad_labels():
     with pytest.raises(RuntimeError, match="centroids must be on the same device as logits"):
         mcmi_torch.cmi(logits.cuda(), target.cuda(), q)
     bad = target.clone()
-    bad[2] = 7  # out of range: on CUDA, a NaN row instead of an exception
+    bad[2] = 7  # out of range: the loss gives a NaN row on CUDA (no sync)
     rows = mcmi_torch.cmi(logits.cuda(), bad.cuda(), q.cuda(), reduction="none").cpu()
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
+    # class sums and the EMA update raise as on the CPU, and change nothing
+    for device in ("cpu", "cuda"):
+        z, y = logits.to(device), bad.to(device)
+        with pytest.raises(RuntimeError, match=r"target\[2\] is out of range"):
+            mcmi_torch.class_sums(z, y, 5)
+        c = torch.full((5, 5), 0.2, device=device)
+        seen = torch.zeros(5, dtype=torch.bool, device=device)
+        with pytest.raises(RuntimeError, match=r"target\[2\] is out of range"):
+            torch.ops.mcmi.ema_update_(c, seen, z, y, 1.0, 0.5, -100)
+        assert torch.equal(c.cpu(), torch.full((5, 5), 0.2)) and not seen.any()
+
+
+def test_cuda_centroid_rows_checked_on_device():
+    logits, target, _ = random_problem(6, 5)
+    target = torch.tensor([0, 1, 2, 3, 4, 1])
+    q = torch.full((5, 5), 0.2)
+    q[1, 3] = 0.3  # row 1 sums to 1.1
+    with pytest.raises(RuntimeError, match="centroids row 1 is not a probability vector"):
+        torch.ops.mcmi.loss(logits, target, q, False, 5, 1.0, 1.0, -0.3, CENTROID_FLOOR,
+                            -100, 0, False)  # fmt: skip
+    rows = torch.ops.mcmi.loss(logits.cuda(), target.cuda(), q.cuda(), False, 5, 1.0, 1.0, -0.3,
+                               CENTROID_FLOOR, -100, 0, False)[0].cpu()  # fmt: skip
+    assert torch.isnan(rows[[1, 5]]).all() and torch.isfinite(rows[[0, 2, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_nonfinite_logits_propagate(dtype):
+    logits, target, q = random_problem(8, 10, dtype=dtype, ignore=0.0)
+    logits[1, 3] = float("nan")
+    logits[2, :] = float("nan")
+    logits[3, 0] = float("inf")
+    (v_cpu, g_cpu), (v_gpu, g_gpu) = both_devices(
+        lambda z, y, q: mcmi_torch.cmi(z, y, q, reduction="none"), logits, target, q
+    )
+    assert torch.equal(torch.isnan(v_gpu), torch.isnan(v_cpu))
+    assert torch.equal(torch.isnan(g_gpu), torch.isnan(g_cpu))
+    assert torch.isnan(g_gpu[[1, 2, 3]]).all()
+
+
+def test_cuda_two_streams():
+    """Two problems on two streams at once give what each gives alone."""
+    a = random_problem(512, 1000, seed=1)
+    b = random_problem(512, 1000, seed=2)
+    alone = [mcmi_torch.cmi(z.cuda(), y.cuda(), q.cuda()) for z, y, q in (a, b)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    out = []
+    torch.cuda.synchronize()
+    for (z, y, q), stream in zip((a, b), streams):
+        with torch.cuda.stream(stream):
+            out.append(mcmi_torch.cmi(z.cuda(), y.cuda(), q.cuda()))
+    torch.cuda.synchronize()
+    for got, want in zip(out, alone):
+        assert torch.equal(got, want)
+
+
+def test_cuda_bitwise_repeatable():
+    logits, target, _ = random_problem(300, 3000, scale=3.0)
+    z, y = logits.cuda(), target.cuda()
+    runs = [torch.ops.mcmi.loss(z, y, None, False, 3000, 2.0, 1.0, -0.3, CENTROID_FLOOR, -100, 1,
+                                True) for _ in range(2)]  # fmt: skip
+    assert all(torch.equal(r0, r1) for r0, r1 in zip(*runs))

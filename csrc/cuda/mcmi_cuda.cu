@@ -3,18 +3,21 @@
  * row scaling, with extern "C" launchers (see mcmi_cuda.h).
  *
  * A group of threads handles one row: a warp for rows of up to 1024
- * columns, the whole block (256 threads) for longer rows. Each thread keeps
- * online-softmax partials (running maximum m, sum of e^{u-m}, sum of
- * e^{u-m} (u - log q)) over its strided columns; the group combines them in
- * a fixed order (butterfly shuffles, then warps in index order), so results
- * are deterministic. The gradient is written in a second pass over the row,
- * which mostly hits L2. Class sums use integer counts and a per-class row
- * order (rank of each row within its class), then one thread per (class,
- * column) sums its rows in row order: no floating-point atomics.
+ * columns, the whole block (256 threads) for longer rows, and several
+ * blocks for a few long rows (the split-row path). Each thread keeps
+ * online-softmax partials over its strided columns, relative to its running
+ * maximum (see Partial); the group combines them in a fixed order
+ * (butterfly shuffles, then warps in index order), so results are bitwise
+ * repeatable. The gradient is written in a second pass over the row, which
+ * mostly hits L2. Class sums: integer counts, compact slots for the classes
+ * present, the rows of each slot in row order (one block, O(rows + classes)
+ * work), then a block per (slot, 32 columns) whose warps sum interleaved
+ * rows and add their partials in warp order: no floating-point atomics.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -58,66 +61,78 @@ __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
 
-/* Online-softmax partial: s = sum e^{u - m}, a = sum e^{u - m} w. */
+/* Online-softmax partial over some columns of a row, relative to its
+ * running maximum m of z (logit units): with d_j = (z_j - m) k,
+ * s = sum e^{d_j} and a = sum e^{d_j} (d_j - lq_j); q = sum of the
+ * centroid entries (their row-sum check). s == 0 only when empty; a NaN or
+ * -inf logit makes s NaN (as on the CPU), and NaN survives every combine. */
 template <typename A> struct Partial {
-  A m, s, a;
+  A m, s, a, q;
 };
 
 template <typename A> __device__ __forceinline__ Partial<A> empty_partial() {
-  return Partial<A>{-(A)INFINITY, (A)0, (A)0};
+  return Partial<A>{-(A)INFINITY, (A)0, (A)0, (A)0};
 }
 
+/* Adds column value z (scale k = 1/T) with log-centroid lq. */
 template <typename A>
-__device__ __forceinline__ void push(Partial<A> &p, A u, A w) {
-  if (u > p.m) {
-    const A r = dexp(p.m - u);
-    p.s *= r;
-    p.a *= r;
-    p.m = u;
+__device__ __forceinline__ void push(Partial<A> &p, A z, A k, A lq) {
+  if (z > p.m) {
+    if (p.s != (A)0) {
+      const A d = (p.m - z) * k, r = dexp(d);
+      p.a = r * (p.a + p.s * d);
+      p.s *= r;
+    }
+    p.m = z;
   }
-  const A e = dexp(u - p.m);
+  const A d = (z - p.m) * k, e = dexp(d);
   p.s += e;
-  p.a += e * w;
+  p.a += e * (d - lq);
 }
 
-/* Symmetric in its arguments (IEEE addition commutes), so both lanes of a
- * butterfly step compute the same value. */
+/* x then y, both relative to the larger maximum. Callers pass the partials
+ * in a fixed order, so every thread that combines the same two partials
+ * gets the same bits (contracted multiply-adds included). */
 template <typename A>
-__device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y) {
-  if (y.m == -(A)INFINITY) {
-    return x;
+__device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y, A k) {
+  if (y.s == (A)0) {
+    return Partial<A>{x.m, x.s, x.a, x.q + y.q};
   }
-  if (x.m == -(A)INFINITY) {
-    return y;
+  if (x.s == (A)0) {
+    return Partial<A>{y.m, y.s, y.a, x.q + y.q};
   }
   const A m = x.m > y.m ? x.m : y.m;
-  const A rx = dexp(x.m - m), ry = dexp(y.m - m);
-  return Partial<A>{m, x.s * rx + y.s * ry, x.a * rx + y.a * ry};
+  const A dx = (x.m - m) * k, dy = (y.m - m) * k;
+  const A rx = dexp(dx), ry = dexp(dy);
+  return Partial<A>{m, x.s * rx + y.s * ry,
+                    rx * (x.a + x.s * dx) + ry * (y.a + y.s * dy), x.q + y.q};
 }
 
 /* Combines the partials of a group of GROUP threads; every thread of the
- * group gets the same result. GROUP > 32 spans the block (all threads must
- * call). */
+ * group gets the same result (each butterfly step puts the lower lane's
+ * partial first). GROUP > 32 spans the block (all threads must call). */
 template <typename A, int GROUP>
-__device__ Partial<A> group_reduce(Partial<A> p, Partial<A> *shared) {
+__device__ Partial<A> group_reduce(Partial<A> p, A k, Partial<A> *shared) {
   constexpr int lanes = GROUP < kWarp ? GROUP : kWarp;
+  const int lane = (int)(threadIdx.x % kWarp);
   for (int off = lanes / 2; off > 0; off /= 2) {
     Partial<A> o;
     o.m = __shfl_xor_sync(0xffffffffu, p.m, off);
     o.s = __shfl_xor_sync(0xffffffffu, p.s, off);
     o.a = __shfl_xor_sync(0xffffffffu, p.a, off);
-    p = combine(p, o);
+    o.q = __shfl_xor_sync(0xffffffffu, p.q, off);
+    p = (lane & off) ? combine(o, p, k) : combine(p, o, k);
   }
   if (GROUP <= kWarp) {
     return p;
   }
-  if (threadIdx.x % kWarp == 0) {
+  if (lane == 0) {
     shared[threadIdx.x / kWarp] = p;
   }
   __syncthreads();
   Partial<A> r = shared[0];
   for (int w = 1; w < GROUP / kWarp; ++w) {
-    r = combine(r, shared[w]);
+    r = combine(r, shared[w], k);
   }
   __syncthreads();
   return r;
@@ -125,25 +140,199 @@ __device__ Partial<A> group_reduce(Partial<A> p, Partial<A> *shared) {
 
 /* log max(q, floor), or q itself when the centroids are logs already. */
 template <typename A>
-__device__ __forceinline__ A log_centroid(const A *q, int64_t j, int is_log,
-                                          A floor) {
-  const A v = q[j];
+__device__ __forceinline__ A log_centroid(A v, int is_log, A floor) {
   return is_log ? v : dlog(v > floor ? v : floor);
+}
+
+/* A row's log-normalizer ls = log s and KL term from its combined partial
+ * (all relative to the row maximum): the one place the KL formula lives. */
+template <typename A> struct RowKL {
+  A ls, kl;
+};
+
+template <typename A>
+__device__ __forceinline__ RowKL<A> finalize_kl(const Partial<A> &p) {
+  const A ls = dlog(p.s);
+  return RowKL<A>{ls, p.a / p.s - ls};
+}
+
+/* The centroid row of a valid row with label y: in-batch means by slot, the
+ * given centroids, or NULL for a label out of range. */
+template <typename A>
+__device__ __forceinline__ const A *
+row_centroids(const mcmi_problem &p, const A *q_batch, const int64_t *slot_of,
+              int64_t y) {
+  if (y < 0 || y >= p.classes) {
+    return nullptr;
+  }
+  return q_batch ? q_batch + slot_of[y] * p.cols
+                 : (const A *)p.centroids + y * p.centroids_stride;
+}
+
+/* What the loss of one row reads besides its logits and centroids. */
+template <typename A> struct RowSetup {
+  A inv_t, qfloor;
+  int is_log;    /* centroids hold logs */
+  bool check_q;  /* given centroids: check that the row sums to 1 */
+  bool separate; /* CE needs its own softmax (T != 1) */
+};
+
+template <typename A>
+__device__ __forceinline__ RowSetup<A> row_setup(const mcmi_problem &p,
+                                                 bool batch) {
+  const int is_log = batch ? 0 : p.log_centroids;
+  return RowSetup<A>{(A)(1.0 / p.temperature), (A)p.floor, is_log,
+                     !batch && !is_log,
+                     p.ce_weight != 0.0 && p.temperature != 1.0};
+}
+
+/* 16 bytes of T, for vector loads and stores. */
+template <typename T> struct alignas(16) Vec {
+  T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool aligned16(const void *x) {
+  return ((uintptr_t)x & 15u) == 0;
+}
+
+/* Pushes columns [begin, end) of row z into the partials (at_one: the
+ * softmax at T = 1 of the CE term, when separate), shared among `group`
+ * threads of which this is `lane`: in 16-byte vectors when z + begin is
+ * 16-byte aligned (then a scalar tail), else one column at a time. */
+template <typename T, typename A>
+__device__ void accumulate_row(const T *z, const A *q, const RowSetup<A> &su,
+                               int64_t begin, int64_t end, int lane, int group,
+                               Partial<A> &main, Partial<A> &at_one) {
+  constexpr int V = 16 / sizeof(T);
+  const auto column = [&](A zj, int64_t j) {
+    const A qj = q ? q[j] : (A)NAN;
+    push(main, zj, su.inv_t, log_centroid(qj, su.is_log, su.qfloor));
+    main.q += qj;
+    if (su.separate) {
+      push(at_one, zj, (A)1, (A)0);
+    }
+  };
+  int64_t tail = begin;
+  if (aligned16(z + begin)) {
+    const int64_t nv = (end - begin) / V;
+    const Vec<T> *zv = (const Vec<T> *)(z + begin);
+    for (int64_t k = lane; k < nv; k += group) {
+      const Vec<T> w = zv[k];
+      for (int e = 0; e < V; ++e) {
+        column(load(w.v[e]), begin + k * V + e);
+      }
+    }
+    tail = begin + nv * V;
+  }
+  for (int64_t j = tail + lane; j < end; j += group) {
+    column(load(z[j]), j);
+  }
+}
+
+/* A valid row's value and what its gradient needs, from its combined
+ * partials. A label out of range, or a given centroid row that does not
+ * sum to 1, makes the row NaN. */
+template <typename A> struct RowResult {
+  A m, ls, kl, ls1;
+  int nan_row;
+  double value;
+};
+
+template <typename T, typename A>
+__device__ RowResult<A>
+row_result(const mcmi_problem &p, const T *z, int64_t y, const RowSetup<A> &su,
+           const Partial<A> &main, const Partial<A> &at_one) {
+  const bool bad = y < 0 || y >= p.classes;
+  const RowKL<A> r = finalize_kl(main);
+  const A ls1 = su.separate ? dlog(at_one.s) : r.ls;
+  const bool q_off = su.check_q && !(fabs((double)main.q - 1.0) <=
+                                     MCMI_CENTROID_SUM_TOLERANCE);
+  const bool want_ce = p.ce_weight != 0.0;
+  const A ce = want_ce && !bad ? (main.m - load(z[y])) + ls1 : (A)0;
+  const bool nan_row = bad || q_off;
+  const double value =
+      nan_row ? (double)NAN
+              : p.ce_weight * (double)ce + p.cmi_weight * (double)r.kl;
+  return RowResult<A>{main.m, r.ls, r.kl, ls1, nan_row ? 1 : 0, value};
+}
+
+/* Writes columns [begin, end) of a valid row's gradient,
+ * d(loss)/dz_j = kc P_j (log P_j - log q_j - KL) + kce (P1_j - [j == y]),
+ * shared as in accumulate_row (vectors when z and g are both aligned). */
+template <typename T, typename A>
+__device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
+                           int64_t y, const RowSetup<A> &su,
+                           const RowResult<A> &r, const int64_t *valid, T *g,
+                           int64_t begin, int64_t end, int lane, int group) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t n = *valid;
+  const double norm =
+      (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
+  const A kc = (A)(p.cmi_weight / (p.temperature * norm));
+  const A kce = (A)(p.ce_weight / norm);
+  const A shift = r.ls + r.kl;
+  const auto grad_of = [&](A zj, int64_t j) {
+    const A d = (zj - r.m) * su.inv_t;
+    const A lq = q ? log_centroid(q[j], su.is_log, su.qfloor) : (A)NAN;
+    const A pj = dexp(d - r.ls);
+    const A p1 = su.separate ? dexp((zj - r.m) - r.ls1) : pj;
+    A v = kc * pj * ((d - lq) - shift) + kce * p1;
+    if (j == y) {
+      v -= kce;
+    }
+    return store<T>(r.nan_row ? (A)NAN : v);
+  };
+  int64_t tail = begin;
+  if (aligned16(z + begin) && aligned16(g + begin)) {
+    const int64_t nv = (end - begin) / V;
+    const Vec<T> *zv = (const Vec<T> *)(z + begin);
+    Vec<T> *gv = (Vec<T> *)(g + begin);
+    for (int64_t k = lane; k < nv; k += group) {
+      const Vec<T> w = zv[k];
+      Vec<T> o;
+      for (int e = 0; e < V; ++e) {
+        o.v[e] = grad_of(load(w.v[e]), begin + k * V + e);
+      }
+      gv[k] = o;
+    }
+    tail = begin + nv * V;
+  }
+  for (int64_t j = tail + lane; j < end; j += group) {
+    g[j] = grad_of(load(z[j]), j);
+  }
+}
+
+/* Value (and, for 'none', rows_out) and zero gradient of an ignored row,
+ * by the threads lane = 0, 1, ... < step of its group. */
+template <typename T>
+__device__ void ignored_row(int64_t row, double *row_val, T *rows_out,
+                            int64_t rows_stride, T *g, int64_t begin,
+                            int64_t end, int64_t step, bool first) {
+  using A = typename AccOf<T>::type;
+  if (first) {
+    row_val[row] = 0.0;
+    if (rows_out) {
+      rows_out[row * rows_stride] = store<T>((A)0);
+    }
+  }
+  for (int64_t j = begin; g && j < end; j += step) {
+    g[j] = store<T>((A)0);
+  }
 }
 
 /* One row per group: loss value (row_val, and rows_out for 'none') and,
  * when grad != NULL, the gradient row. q_batch: in-batch class means
- * [classes][cols], or NULL for the problem's centroids. */
+ * [slot][cols] with slot_of[class], or NULL for the problem's centroids. */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
     loss_rows(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
-              const int64_t *valid, double *row_val, T *rows_out,
-              int64_t rows_stride, T *grad, int64_t grad_stride) {
+              const int64_t *slot_of, const int64_t *valid, double *row_val,
+              T *rows_out, int64_t rows_stride, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
   const int64_t row =
       (int64_t)blockIdx.x * (kThreads / GROUP) + threadIdx.x / GROUP;
-  const int lane = threadIdx.x % GROUP;
+  const int lane = (int)(threadIdx.x % GROUP);
   if (row >= p.rows) {
     return; /* uniform over the group (GROUP == block: over the block) */
   }
@@ -151,73 +340,125 @@ __global__ void __launch_bounds__(kThreads)
   T *g = grad ? grad + row * grad_stride : nullptr;
   const int64_t y = p.target[row * p.target_stride];
   if (y == p.ignore_index) {
-    if (lane == 0) {
-      row_val[row] = 0.0;
-      if (rows_out) {
-        rows_out[row * rows_stride] = store<T>((A)0);
-      }
-    }
-    for (int64_t j = lane; g && j < p.cols; j += GROUP) {
-      g[j] = store<T>((A)0);
-    }
+    ignored_row(row, row_val, rows_out, rows_stride, g, lane, p.cols, GROUP,
+                lane == 0);
     return;
   }
-  const bool bad = y < 0 || y >= p.classes;
-  const A *q = bad       ? nullptr
-               : q_batch ? q_batch + y * p.cols
-                         : (const A *)p.centroids + y * p.centroids_stride;
-  const int is_log = q_batch ? 0 : p.log_centroids;
-  const A inv_t = (A)(1.0 / p.temperature), qfloor = (A)p.floor;
-  const bool want_ce = p.ce_weight != 0.0;
-  const bool separate = want_ce && p.temperature != 1.0;
-
+  const A *q = row_centroids(p, q_batch, slot_of, y);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
-  for (int64_t j = lane; j < p.cols; j += GROUP) {
-    const A zj = load(z[j]);
-    const A u = zj * inv_t;
-    const A lq = q ? log_centroid(q, j, is_log, qfloor) : (A)NAN;
-    push(main, u, u - lq);
-    if (separate) {
-      push(at_one, zj, (A)0);
-    }
+  accumulate_row(z, q, su, 0, p.cols, lane, GROUP, main, at_one);
+  main = group_reduce<A, GROUP>(main, su.inv_t, shared);
+  if (su.separate) {
+    at_one = group_reduce<A, GROUP>(at_one, (A)1, shared);
   }
-  main = group_reduce<A, GROUP>(main, shared);
-  if (separate) {
-    at_one = group_reduce<A, GROUP>(at_one, shared);
-  }
-  const A lse = main.m + dlog(main.s);
-  const A kl = main.a / main.s - lse;
-  const A lse1 = separate ? at_one.m + dlog(at_one.s) : lse;
-  const A ce = want_ce && !bad ? lse1 - load(z[y]) : (A)0;
-  const double value =
-      bad ? (double)NAN : p.ce_weight * (double)ce + p.cmi_weight * (double)kl;
+  const RowResult<A> r = row_result(p, z, y, su, main, at_one);
   if (lane == 0) {
-    row_val[row] = value;
+    row_val[row] = r.value;
     if (rows_out) {
-      rows_out[row * rows_stride] = store<T>((A)value);
+      rows_out[row * rows_stride] = store<T>((A)r.value);
     }
   }
-  if (!g) {
+  if (g) {
+    write_grad(p, z, q, y, su, r, valid, g, 0, p.cols, lane, GROUP);
+  }
+}
+
+/* The split-row path, for a few long rows: `splits` blocks share a row,
+ * each taking a contiguous chunk of `chunk` columns. */
+struct Split {
+  int64_t splits, chunk;
+};
+
+/* Pass 1: block (s, row) reduces its chunk to partials parts[row][s][0..1]
+ * (main, at_one). */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    split_partials(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
+                   const int64_t *slot_of, Split sp,
+                   Partial<typename AccOf<T>::type> *parts) {
+  using A = typename AccOf<T>::type;
+  __shared__ Partial<A> shared[kThreads / kWarp];
+  const int64_t row = blockIdx.y, s = blockIdx.x;
+  const int64_t y = p.target[row * p.target_stride];
+  if (y == p.ignore_index) {
+    return; /* uniform over the block */
+  }
+  const T *z = (const T *)p.logits + row * p.logits_stride;
+  const A *q = row_centroids(p, q_batch, slot_of, y);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  const int64_t begin = s * sp.chunk;
+  const int64_t end = begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols;
+  Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
+  accumulate_row(z, q, su, begin, end, (int)threadIdx.x, kThreads, main,
+                 at_one);
+  main = group_reduce<A, kThreads>(main, su.inv_t, shared);
+  if (su.separate) {
+    at_one = group_reduce<A, kThreads>(at_one, (A)1, shared);
+  }
+  if (threadIdx.x == 0) {
+    parts[(row * sp.splits + s) * 2] = main;
+    parts[(row * sp.splits + s) * 2 + 1] = at_one;
+  }
+}
+
+/* Pass 2, a thread per row: combines the row's partials in chunk order
+ * into its value (row_val, rows_out) and results[row]. */
+template <typename T>
+__global__ void split_results(const mcmi_problem p, bool batch, Split sp,
+                              const Partial<typename AccOf<T>::type> *parts,
+                              RowResult<typename AccOf<T>::type> *results,
+                              double *row_val, T *rows_out,
+                              int64_t rows_stride) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (row >= p.rows) {
     return;
   }
-  const int64_t n = *valid;
-  const double norm =
-      (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
-  const A kc = (A)(p.cmi_weight / (p.temperature * norm));
-  const A kce = (A)(p.ce_weight / norm);
-  const A shift = lse + kl;
-  for (int64_t j = lane; j < p.cols; j += GROUP) {
-    const A zj = load(z[j]);
-    const A u = zj * inv_t;
-    const A lq = q ? log_centroid(q, j, is_log, qfloor) : (A)NAN;
-    const A pj = dexp(u - lse);
-    const A p1 = separate ? dexp(zj - lse1) : pj;
-    A v = kc * pj * ((u - lq) - shift) + kce * p1;
-    if (j == y) {
-      v -= kce;
-    }
-    g[j] = store<T>(bad ? (A)NAN : v);
+  const int64_t y = p.target[row * p.target_stride];
+  if (y == p.ignore_index) {
+    ignored_row<T>(row, row_val, rows_out, rows_stride, nullptr, 0, 0, 1, true);
+    return;
   }
+  const RowSetup<A> su = row_setup<A>(p, batch);
+  const Partial<A> *mine = parts + row * sp.splits * 2;
+  Partial<A> main = mine[0], at_one = mine[1];
+  for (int64_t s = 1; s < sp.splits; ++s) {
+    main = combine(main, mine[2 * s], su.inv_t);
+    at_one = combine(at_one, mine[2 * s + 1], (A)1);
+  }
+  const T *z = (const T *)p.logits + row * p.logits_stride;
+  const RowResult<A> r = row_result(p, z, y, su, main, at_one);
+  results[row] = r;
+  row_val[row] = r.value;
+  if (rows_out) {
+    rows_out[row * rows_stride] = store<T>((A)r.value);
+  }
+}
+
+/* Pass 3: block (s, row) writes its chunk of the gradient. */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    split_grad(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
+               const int64_t *slot_of, Split sp,
+               const RowResult<typename AccOf<T>::type> *results,
+               const int64_t *valid, T *grad, int64_t grad_stride) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = blockIdx.y, s = blockIdx.x;
+  const int64_t begin = s * sp.chunk;
+  const int64_t end = begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols;
+  const int64_t y = p.target[row * p.target_stride];
+  const T *z = (const T *)p.logits + row * p.logits_stride;
+  T *g = grad + row * grad_stride;
+  if (y == p.ignore_index) {
+    ignored_row<T>(row, nullptr, nullptr, 0, g, begin + threadIdx.x, end,
+                   kThreads, false);
+    return;
+  }
+  const A *q = row_centroids(p, q_batch, slot_of, y);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  write_grad(p, z, q, y, su, results[row], valid, g, begin, end,
+             (int)threadIdx.x, kThreads);
 }
 
 /* Sum over the threads of a one-block launch, in a fixed tree order; the
@@ -226,24 +467,66 @@ template <typename V> __device__ V block_sum(V v, V *part) {
   part[threadIdx.x] = v;
   __syncthreads();
   for (int s = kThreads / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s) {
+    if ((int)threadIdx.x < s) {
       part[threadIdx.x] += part[threadIdx.x + s];
     }
     __syncthreads();
   }
-  return part[0];
+  const V r = part[0];
+  __syncthreads();
+  return r;
 }
 
-/* Number of rows whose label is not ignore_index (one block). */
-__global__ void count_valid(const mcmi_problem p, int64_t *valid) {
+/* Exclusive prefix sum over the threads of a one-block launch
+ * (Hillis-Steele); *total receives the sum of all. */
+template <typename V>
+__device__ V block_exclusive_scan(V v, V *part, V *total) {
+  part[threadIdx.x] = v;
+  __syncthreads();
+  for (int d = 1; d < kThreads; d *= 2) {
+    const V add = (int)threadIdx.x >= d ? part[threadIdx.x - d] : (V)0;
+    __syncthreads();
+    part[threadIdx.x] += add;
+    __syncthreads();
+  }
+  const V inclusive = part[threadIdx.x];
+  *total = part[kThreads - 1];
+  __syncthreads();
+  return inclusive - v;
+}
+
+__device__ __forceinline__ bool in_class_range(int64_t y,
+                                               const mcmi_problem &p) {
+  return y != p.ignore_index && y >= 0 && y < p.classes;
+}
+
+/* One block: the number of rows whose label is not ignore_index, and the
+ * first row whose label is out of range (-1 if none). */
+__global__ void scan_targets(const mcmi_problem p, int64_t *valid,
+                             int64_t *bad_row) {
   __shared__ long long part[kThreads];
-  long long c = 0;
+  long long c = 0, first_bad = LLONG_MAX;
   for (int64_t i = threadIdx.x; i < p.rows; i += kThreads) {
-    c += p.target[i * p.target_stride] != p.ignore_index;
+    const int64_t y = p.target[i * p.target_stride];
+    c += y != p.ignore_index;
+    if (y != p.ignore_index && !in_class_range(y, p) && i < first_bad) {
+      first_bad = i;
+    }
   }
   c = block_sum(c, part);
+  part[threadIdx.x] = first_bad;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s /= 2) {
+    if ((int)threadIdx.x < s && part[threadIdx.x + s] < part[threadIdx.x]) {
+      part[threadIdx.x] = part[threadIdx.x + s];
+    }
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
     *valid = c;
+    if (bad_row) {
+      *bad_row = part[0] == LLONG_MAX ? -1 : part[0];
+    }
   }
 }
 
@@ -266,7 +549,8 @@ __global__ void reduce_rows(const double *row_val, int64_t rows,
   }
 }
 
-/* Per valid row: the maximum of z / T and log sum e^{z/T - max}. */
+/* Per row with a label in range: the maximum of z and log sum e^{(z - max)/T}
+ * (the row's softmax at T is e^{(z - m)/T - ls}). */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
     row_stats(const mcmi_problem p, double *row_m, double *row_ls) {
@@ -274,28 +558,24 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Partial<A> shared[kThreads / kWarp];
   const int64_t row =
       (int64_t)blockIdx.x * (kThreads / GROUP) + threadIdx.x / GROUP;
-  if (row >= p.rows) {
-    return;
+  if (row >= p.rows || !in_class_range(p.target[row * p.target_stride], p)) {
+    return; /* uniform over the group */
   }
   const T *z = (const T *)p.logits + row * p.logits_stride;
   const A inv_t = (A)(1.0 / p.temperature);
   Partial<A> part = empty_partial<A>();
   for (int64_t j = threadIdx.x % GROUP; j < p.cols; j += GROUP) {
-    push(part, load(z[j]) * inv_t, (A)0);
+    push(part, load(z[j]), inv_t, (A)0);
   }
-  part = group_reduce<A, GROUP>(part, shared);
+  part = group_reduce<A, GROUP>(part, inv_t, shared);
   if (threadIdx.x % GROUP == 0) {
     row_m[row] = (double)part.m;
     row_ls[row] = (double)dlog(part.s);
   }
 }
 
-__device__ __forceinline__ bool in_class_range(int64_t y,
-                                               const mcmi_problem &p) {
-  return y != p.ignore_index && y >= 0 && y < p.classes;
-}
-
-/* counts[y] += 1 for every valid row (integer atomics: order-free). */
+/* counts[y] += 1 for every row with a label in range (integer atomics:
+ * order-free). */
 __global__ void count_classes(const mcmi_problem p, int64_t *counts) {
   const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (i < p.rows) {
@@ -306,81 +586,185 @@ __global__ void count_classes(const mcmi_problem p, int64_t *counts) {
   }
 }
 
-/* offsets = exclusive prefix sum of counts (one thread: K is small). */
-__global__ void class_offsets(const int64_t *counts, int64_t classes,
-                              int64_t *offsets) {
-  int64_t at = 0;
-  for (int64_t c = 0; c < classes; ++c) {
-    offsets[c] = at;
-    at += counts[c];
+/* Compact slots for the classes present. */
+struct Slots {
+  int64_t *slot_of;    /* [classes]: slot of each class present */
+  int64_t *slot_class; /* [max slots]: class of each slot */
+  int64_t *count;      /* [max slots]: rows of each slot */
+  int64_t *offset;     /* [max slots]: first position in `order` */
+  int64_t *cursor;     /* [max slots]: scratch of order_rows */
+  int64_t *used;       /* number of slots */
+};
+
+/* One block, O(classes) work: each thread takes a contiguous range of
+ * classes; slots are numbered in class order. */
+__global__ void assign_slots(const int64_t *counts, int64_t classes, Slots sl) {
+  __shared__ long long part[kThreads];
+  const int64_t t = threadIdx.x;
+  const int64_t lo = classes * t / kThreads, hi = classes * (t + 1) / kThreads;
+  long long present = 0, rows = 0, total = 0;
+  for (int64_t c = lo; c < hi; ++c) {
+    present += counts[c] > 0;
+    rows += counts[c];
+  }
+  long long slot = block_exclusive_scan(present, part, &total);
+  long long at = block_exclusive_scan(rows, part, &total);
+  for (int64_t c = lo; c < hi; ++c) {
+    if (counts[c] > 0) {
+      sl.slot_of[c] = slot;
+      sl.slot_class[slot] = c;
+      sl.count[slot] = counts[c];
+      sl.offset[slot] = at;
+      sl.cursor[slot] = 0;
+      at += counts[c];
+      ++slot;
+    }
+  }
+  if (t == kThreads - 1) {
+    *sl.used = slot;
   }
 }
 
-/* order[offsets[y_i] + rank_i] = i, rank_i = #{j < i : y_j = y_i}: the rows
- * of each class in row order. */
-__global__ void order_rows(const mcmi_problem p, const int64_t *offsets,
-                           int64_t *order) {
-  const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (i >= p.rows) {
-    return;
+/* order[offset[s] + r] = the r-th row (in row order) of slot s. One block
+ * walks the rows in chunks of kThreads: a bitonic sort of (slot, lane) keys
+ * ranks each row within its slot in the chunk, and the last row of each
+ * slot's run advances that slot's cursor. O(rows) work, no atomics. */
+__global__ void order_rows(const mcmi_problem p, Slots sl, int64_t *order) {
+  __shared__ long long key[kThreads];
+  __shared__ int head[kThreads];
+  const int t = (int)threadIdx.x;
+  const long long none = LLONG_MAX;
+  for (int64_t base = 0; base < p.rows; base += kThreads) {
+    const int64_t i = base + t;
+    const int64_t y = i < p.rows ? p.target[i * p.target_stride] : -1;
+    key[t] = i < p.rows && in_class_range(y, p)
+                 ? (long long)sl.slot_of[y] * kThreads + t
+                 : none;
+    __syncthreads();
+    for (int k = 2; k <= kThreads; k *= 2) {
+      for (int j = k / 2; j > 0; j /= 2) {
+        const int o = t ^ j;
+        if (o > t) {
+          const bool up = (t & k) == 0;
+          const long long a = key[t], b = key[o];
+          if ((a > b) == up) {
+            key[t] = b;
+            key[o] = a;
+          }
+        }
+        __syncthreads();
+      }
+    }
+    const long long mine = key[t];
+    const long long s = mine / kThreads;
+    head[t] = t == 0 || key[t - 1] / kThreads != s ? t : 0;
+    __syncthreads();
+    for (int d = 1; d < kThreads; d *= 2) {
+      const int h = t >= d && head[t - d] > head[t] ? head[t - d] : head[t];
+      __syncthreads();
+      head[t] = h;
+      __syncthreads();
+    }
+    const int rank = t - head[t];
+    const bool last = t == kThreads - 1 || key[t + 1] / kThreads != s;
+    if (mine != none) {
+      order[sl.offset[s] + sl.cursor[s] + rank] = base + mine % kThreads;
+    }
+    __syncthreads();
+    if (mine != none && last) {
+      sl.cursor[s] += rank + 1;
+    }
+    __syncthreads();
   }
-  const int64_t y = p.target[i * p.target_stride];
-  if (!in_class_range(y, p)) {
-    return;
-  }
-  int64_t rank = 0;
-  for (int64_t j = 0; j < i; ++j) {
-    rank += p.target[j * p.target_stride] == y;
-  }
-  order[offsets[y] + rank] = i;
 }
 
-/* out[c][j] = sum over the rows of class c, in row order, of softmax(z/T)_j
- * (log_softmax with log_probs), divided by the count when `mean`. */
+/* Columns per block of slot_sums: a warp's width, so loads coalesce. */
+constexpr int kSumCols = kWarp;
+constexpr unsigned kMaxGridY = 65535;
+
+/* out[row(s)][j] = sum over the rows of slot s of softmax(z/T)_j (log_softmax
+ * with log_probs), divided by the count when `mean`; row(s) is the slot's
+ * class when by_class, else s. A block takes (slot, 32 columns): warp w sums
+ * the slot's rows w, w + 8, ... in order, then warp 0 adds the 8 partials in
+ * warp order. Column tiles beyond grid.y are taken in a strided loop. */
 template <typename T>
-__global__ void
-class_sum_cols(const mcmi_problem p, const double *row_m, const double *row_ls,
-               const int64_t *counts, const int64_t *offsets,
-               const int64_t *order, int log_probs, int mean,
-               typename AccOf<T>::type *out, int64_t out_stride) {
+__global__ void __launch_bounds__(kThreads)
+    slot_sums(const mcmi_problem p, const double *row_m, const double *row_ls,
+              Slots sl, const int64_t *order, int log_probs, int mean,
+              int by_class, typename AccOf<T>::type *out, int64_t out_stride) {
   using A = typename AccOf<T>::type;
-  const int64_t c = blockIdx.x; /* x: up to 2^31 - 1 classes */
-  const int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x;
-  if (j >= p.cols) {
-    return;
+  constexpr int warps = kThreads / kWarp;
+  __shared__ A part[warps][kSumCols];
+  const int64_t s = blockIdx.x;
+  if (s >= *sl.used) {
+    return; /* uniform over the block */
   }
+  const int lane = (int)(threadIdx.x % kWarp), w = (int)(threadIdx.x / kWarp);
   const A inv_t = (A)(1.0 / p.temperature);
-  const int64_t n = counts[c];
-  A acc = (A)0;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t i = order[offsets[c] + k];
-    const T *z = (const T *)p.logits + i * p.logits_stride;
-    const A v = load(z[j]) * inv_t - (A)row_m[i] - (A)row_ls[i];
-    acc += log_probs ? v : dexp(v);
+  const int64_t n = sl.count[s];
+  const int64_t *rows = order + sl.offset[s];
+  A *o = out + (by_class ? sl.slot_class[s] : s) * out_stride;
+  const int64_t tiles = (p.cols + kSumCols - 1) / kSumCols;
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t j = tile * kSumCols + lane;
+    A acc = (A)0;
+    for (int64_t k = w; k < n && j < p.cols; k += warps) {
+      const int64_t i = rows[k];
+      const T *z = (const T *)p.logits + i * p.logits_stride;
+      const A v = (load(z[j]) - (A)row_m[i]) * inv_t - (A)row_ls[i];
+      acc += log_probs ? v : dexp(v);
+    }
+    part[w][lane] = acc;
+    __syncthreads();
+    if (w == 0 && j < p.cols) {
+      A sum = part[0][lane];
+      for (int k = 1; k < warps; ++k) {
+        sum += part[k][lane];
+      }
+      o[j] = mean ? sum / (A)n : sum;
+    }
+    __syncthreads();
   }
-  out[c * out_stride + j] = mean && n > 0 ? acc / (A)n : acc;
 }
 
-/* EMA step for the classes present; `seen` is read here, set afterwards. */
+/* Zero rows of `out` for classes with no rows (class_sums output). */
 template <typename A>
-__global__ void ema_apply(const A *means, const int64_t *counts, int64_t cols,
-                          A momentum, const uint8_t *seen, A *q,
+__global__ void zero_absent(const int64_t *counts, int64_t classes,
+                            int64_t cols, A *out, int64_t out_stride) {
+  const int64_t total = classes * cols;
+  for (int64_t k = (int64_t)blockIdx.x * kThreads + threadIdx.x; k < total;
+       k += (int64_t)gridDim.x * kThreads) {
+    const int64_t c = k / cols;
+    if (counts[c] == 0) {
+      out[c * out_stride + k % cols] = (A)0;
+    }
+  }
+}
+
+/* EMA step for the classes present (none when a label is out of range);
+ * `seen` is read here and set by ema_mark_seen afterwards. */
+template <typename A>
+__global__ void ema_apply(const A *means, Slots sl, int64_t cols, A momentum,
+                          const int64_t *bad_row, const uint8_t *seen, A *q,
                           int64_t q_stride) {
-  const int64_t c = blockIdx.x; /* x: up to 2^31 - 1 classes */
-  const int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x;
-  if (j >= cols || counts[c] == 0) {
+  const int64_t s = blockIdx.x;
+  if (s >= *sl.used || *bad_row >= 0) {
     return;
   }
-  const A b = means[c * cols + j];
+  const int64_t c = sl.slot_class[s];
+  const A *b = means + s * cols;
   A *row = q + c * q_stride;
-  row[j] = seen[c] ? row[j] + momentum * (b - row[j]) : b;
+  for (int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x; j < cols;
+       j += (int64_t)gridDim.y * kThreads) {
+    row[j] = seen[c] ? row[j] + momentum * (b[j] - row[j]) : b[j];
+  }
 }
 
-__global__ void ema_mark_seen(const int64_t *counts, int64_t classes,
-                              uint8_t *seen) {
-  const int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (c < classes && counts[c] > 0) {
-    seen[c] = 1;
+__global__ void ema_mark_seen(Slots sl, int64_t max_slots,
+                              const int64_t *bad_row, uint8_t *seen) {
+  const int64_t s = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (s < max_slots && s < *sl.used && *bad_row < 0) {
+    seen[sl.slot_class[s]] = 1;
   }
 }
 
@@ -405,36 +789,77 @@ size_t acc_bytes(mcmi_dtype d) {
   return d == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
+/* Slots for at most min(rows, classes) classes present. */
+int64_t max_slots(const mcmi_problem *p) {
+  return p->rows < p->classes ? p->rows : p->classes;
+}
+
 /* Device workspace: valid count, per-row values and stats, class counts,
- * offsets and row order, and (in-batch or EMA) class means [K][C]. */
+ * slot tables, row order, (in-batch or EMA) the means of the classes
+ * present, [min(rows, classes)][cols], and the split-row partials and
+ * results. */
 struct Layout {
-  size_t valid, row_val, row_m, row_ls, counts, offsets, order, means, total;
+  size_t valid, row_val, row_m, row_ls, counts, slot_of, slot_class, slot_count,
+      slot_offset, cursor, used, order, means, parts, results, total;
 };
 
+/* The split-row path serves fewer than kSplitMaxRows rows of at least
+ * kSplitMinCols columns: up to about kSplitBlocks blocks in all, chunks of
+ * at least kSplitMinChunk columns (a multiple of the warp size). */
+constexpr int64_t kSplitMaxRows = 256, kSplitMinCols = 8192,
+                  kSplitBlocks = 1024, kSplitMinChunk = 4096;
+
+Split split_plan(const mcmi_problem *p) {
+  const Split none{1, p->cols};
+  if (p->rows == 0 || p->rows >= kSplitMaxRows || p->cols < kSplitMinCols) {
+    return none;
+  }
+  int64_t splits = (p->cols + kSplitMinChunk - 1) / kSplitMinChunk;
+  const int64_t fill = (kSplitBlocks + p->rows - 1) / p->rows;
+  splits = splits < fill ? splits : fill;
+  if (splits < 2) {
+    return none;
+  }
+  int64_t chunk = (p->cols + splits - 1) / splits;
+  chunk = (chunk + kWarp - 1) / kWarp * kWarp;
+  return Split{(p->cols + chunk - 1) / chunk, chunk};
+}
+
 Layout make_layout(const mcmi_problem *p, bool means) {
-  const size_t rows = (size_t)p->rows, k = (size_t)p->classes;
+  const size_t rows = (size_t)p->rows, k = (size_t)p->classes,
+               slots = (size_t)max_slots(p);
   Layout l;
   size_t at = 0;
-  l.valid = at;
-  at = align_up(at + sizeof(int64_t));
-  l.row_val = at;
-  at = align_up(at + rows * sizeof(double));
-  l.row_m = at;
-  at = align_up(at + rows * sizeof(double));
-  l.row_ls = at;
-  at = align_up(at + rows * sizeof(double));
-  l.counts = at;
-  at = align_up(at + k * sizeof(int64_t));
-  l.offsets = at;
-  at = align_up(at + k * sizeof(int64_t));
-  l.order = at;
-  at = align_up(at + rows * sizeof(int64_t));
-  l.means = at;
-  if (means) {
-    at = align_up(at + k * (size_t)p->cols * acc_bytes(p->dtype));
-  }
+  const auto take = [&at](size_t bytes) {
+    const size_t here = at;
+    at = align_up(at + bytes);
+    return here;
+  };
+  l.valid = take(sizeof(int64_t));
+  l.used = take(sizeof(int64_t));
+  l.row_val = take(rows * sizeof(double));
+  l.row_m = take(rows * sizeof(double));
+  l.row_ls = take(rows * sizeof(double));
+  l.counts = take(k * sizeof(int64_t));
+  l.slot_of = take(k * sizeof(int64_t));
+  l.slot_class = take(slots * sizeof(int64_t));
+  l.slot_count = take(slots * sizeof(int64_t));
+  l.slot_offset = take(slots * sizeof(int64_t));
+  l.cursor = take(slots * sizeof(int64_t));
+  l.order = take(rows * sizeof(int64_t));
+  l.means = take(means ? slots * (size_t)p->cols * acc_bytes(p->dtype) : 0);
+  const Split sp = split_plan(p);
+  const size_t split_rows = sp.splits > 1 ? rows : 0;
+  l.parts = take(split_rows * (size_t)sp.splits * 2 * sizeof(Partial<double>));
+  l.results = take(split_rows * sizeof(RowResult<double>));
   l.total = at;
   return l;
+}
+
+Slots slots_in(const Layout &l, char *ws) {
+  return Slots{(int64_t *)(ws + l.slot_of),    (int64_t *)(ws + l.slot_class),
+               (int64_t *)(ws + l.slot_count), (int64_t *)(ws + l.slot_offset),
+               (int64_t *)(ws + l.cursor),     (int64_t *)(ws + l.used)};
 }
 
 bool problem_ok(const mcmi_problem *p) {
@@ -456,30 +881,37 @@ unsigned blocks_for(int64_t n) {
   return (unsigned)((n + kThreads - 1) / kThreads);
 }
 
-/* Row stats, counts, offsets and order of the valid rows, then class sums
- * (or means) into out. */
+unsigned grid_y_for(int64_t tiles) {
+  return (unsigned)(tiles < (int64_t)kMaxGridY ? tiles : kMaxGridY);
+}
+
+/* MCMI_ERROR_LAUNCH when a launch of this call (or an earlier one on the
+ * thread) failed; clears the error. */
+mcmi_status launch_status() {
+  return cudaGetLastError() == cudaSuccess ? MCMI_OK : MCMI_ERROR_LAUNCH;
+}
+
+/* Row stats, counts, slots and row order of the rows with labels in range,
+ * then the sums (or means) of the classes present into out: by class
+ * (out_stride apart) or by slot (cols apart). Needs p.rows > 0. */
 template <typename T, int GROUP>
-void class_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
-                     int log_probs, int mean, typename AccOf<T>::type *out,
-                     int64_t out_stride, int64_t *counts, cudaStream_t s) {
+void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
+                    int log_probs, int mean, int by_class,
+                    typename AccOf<T>::type *out, int64_t out_stride,
+                    int64_t *counts, cudaStream_t s) {
   double *row_m = (double *)(ws + l.row_m), *row_ls = (double *)(ws + l.row_ls);
-  int64_t *offsets = (int64_t *)(ws + l.offsets),
-          *order = (int64_t *)(ws + l.order);
-  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
-  if (p.rows > 0) {
-    const unsigned row_blocks =
-        (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
-    row_stats<T, GROUP><<<row_blocks, kThreads, 0, s>>>(p, row_m, row_ls);
-    count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
-  }
-  class_offsets<<<1, 1, 0, s>>>(counts, p.classes, offsets);
-  if (p.rows > 0) {
-    order_rows<<<blocks_for(p.rows), kThreads, 0, s>>>(p, offsets, order);
-  }
-  const dim3 grid((unsigned)p.classes, blocks_for(p.cols));
-  class_sum_cols<T><<<grid, kThreads, 0, s>>>(p, row_m, row_ls, counts, offsets,
-                                              order, log_probs, mean, out,
-                                              out_stride);
+  const Slots sl = slots_in(l, ws);
+  const unsigned row_blocks =
+      (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
+  row_stats<T, GROUP><<<row_blocks, kThreads, 0, s>>>(p, row_m, row_ls);
+  count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
+  assign_slots<<<1, kThreads, 0, s>>>(counts, p.classes, sl);
+  order_rows<<<1, kThreads, 0, s>>>(p, sl, (int64_t *)(ws + l.order));
+  const dim3 grid((unsigned)max_slots(&p),
+                  grid_y_for((p.cols + kSumCols - 1) / kSumCols));
+  slot_sums<T><<<grid, kThreads, 0, s>>>(
+      p, row_m, row_ls, sl, (const int64_t *)(ws + l.order), log_probs, mean,
+      by_class, out, out_stride);
 }
 
 template <typename T, int GROUP>
@@ -491,18 +923,35 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
   int64_t *valid = (int64_t *)(ws + l.valid);
   double *row_val = (double *)(ws + l.row_val);
   A *means = batch ? (A *)(ws + l.means) : nullptr;
-  count_valid<<<1, kThreads, 0, s>>>(p, valid);
-  if (batch) {
-    class_sums_into<T, GROUP>(p, l, ws, 0, 1, means, p.cols,
-                              (int64_t *)(ws + l.counts), s);
-  }
+  int64_t *counts = (int64_t *)(ws + l.counts);
+  scan_targets<<<1, kThreads, 0, s>>>(p, valid, nullptr);
   const bool per_row = p.reduction == MCMI_REDUCTION_NONE;
+  T *rows_out = per_row ? (T *)loss : nullptr;
+  const int64_t *slot_of = (const int64_t *)(ws + l.slot_of);
+  const Split sp = split_plan(&p);
   if (p.rows > 0) {
-    const unsigned blocks =
-        (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
-    loss_rows<T, GROUP><<<blocks, kThreads, 0, s>>>(
-        p, means, valid, row_val, per_row ? (T *)loss : nullptr, loss_stride,
-        (T *)grad, grad_stride);
+    if (batch) {
+      cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+      slot_sums_into<T, GROUP>(p, l, ws, 0, 1, 0, means, p.cols, counts, s);
+    }
+    if (sp.splits > 1) {
+      Partial<A> *parts = (Partial<A> *)(ws + l.parts);
+      RowResult<A> *results = (RowResult<A> *)(ws + l.results);
+      const dim3 grid((unsigned)sp.splits, (unsigned)p.rows);
+      split_partials<T><<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, parts);
+      split_results<T><<<blocks_for(p.rows), kThreads, 0, s>>>(
+          p, batch, sp, parts, results, row_val, rows_out, loss_stride);
+      if (grad) {
+        split_grad<T><<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, results,
+                                                valid, (T *)grad, grad_stride);
+      }
+    } else {
+      const unsigned blocks =
+          (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
+      loss_rows<T, GROUP><<<blocks, kThreads, 0, s>>>(
+          p, means, slot_of, valid, row_val, rows_out, loss_stride, (T *)grad,
+          grad_stride);
+    }
   }
   if (!per_row) {
     reduce_rows<T><<<1, kThreads, 0, s>>>(row_val, p.rows, valid,
@@ -522,15 +971,77 @@ void loss_dispatch(const mcmi_problem &p, void *loss, int64_t loss_stride,
 
 template <typename T>
 void sums_dispatch(const mcmi_problem &p, const Layout &l, char *ws,
-                   int log_probs, int mean, typename AccOf<T>::type *out,
-                   int64_t out_stride, int64_t *counts, cudaStream_t s) {
+                   int log_probs, int mean, int by_class,
+                   typename AccOf<T>::type *out, int64_t out_stride,
+                   int64_t *counts, cudaStream_t s) {
   if (p.cols <= 1024) {
-    class_sums_into<T, kWarp>(p, l, ws, log_probs, mean, out, out_stride,
-                              counts, s);
+    slot_sums_into<T, kWarp>(p, l, ws, log_probs, mean, by_class, out,
+                             out_stride, counts, s);
   } else {
-    class_sums_into<T, kThreads>(p, l, ws, log_probs, mean, out, out_stride,
-                                 counts, s);
+    slot_sums_into<T, kThreads>(p, l, ws, log_probs, mean, by_class, out,
+                                out_stride, counts, s);
   }
+}
+
+/* Class sums (by class) or means (by slot) in A: float64 logits for double,
+ * any other dtype for float. */
+template <typename A>
+void sums_any(const mcmi_problem &p, const Layout &l, char *ws, int log_probs,
+              int mean, int by_class, A *out, int64_t out_stride,
+              int64_t *counts, cudaStream_t s) {
+  if constexpr (sizeof(A) == sizeof(double)) {
+    sums_dispatch<double>(p, l, ws, log_probs, mean, by_class, out, out_stride,
+                          counts, s);
+  } else if (p.dtype == MCMI_BFLOAT16) {
+    sums_dispatch<__nv_bfloat16>(p, l, ws, log_probs, mean, by_class, out,
+                                 out_stride, counts, s);
+  } else if (p.dtype == MCMI_FLOAT16) {
+    sums_dispatch<__half>(p, l, ws, log_probs, mean, by_class, out, out_stride,
+                          counts, s);
+  } else {
+    sums_dispatch<float>(p, l, ws, log_probs, mean, by_class, out, out_stride,
+                         counts, s);
+  }
+}
+
+template <typename A>
+void class_sums_launch(const mcmi_problem &p, int log_probs, A *sums,
+                       int64_t sums_stride, int64_t *counts, int64_t *bad_row,
+                       char *ws, cudaStream_t s) {
+  const Layout l = make_layout(&p, false);
+  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), bad_row);
+  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+  if (p.rows > 0) {
+    sums_any<A>(p, l, ws, log_probs, 0, 1, sums, sums_stride, counts, s);
+  }
+  const int64_t total = p.classes * p.cols;
+  const unsigned blocks =
+      (unsigned)(total / kThreads + 1 < 65535 ? total / kThreads + 1 : 65535);
+  zero_absent<A><<<blocks, kThreads, 0, s>>>(counts, p.classes, p.cols, sums,
+                                             sums_stride);
+}
+
+template <typename A>
+void ema_launch(const mcmi_problem &p, A momentum, A *centroids,
+                int64_t centroids_stride, uint8_t *seen, int64_t *bad_row,
+                char *ws, cudaStream_t s) {
+  const Layout l = make_layout(&p, true);
+  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), bad_row);
+  if (p.rows == 0) {
+    return;
+  }
+  int64_t *counts = (int64_t *)(ws + l.counts);
+  A *means = (A *)(ws + l.means);
+  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+  sums_any<A>(p, l, ws, 0, 1, 0, means, p.cols, counts, s);
+  const Slots sl = slots_in(l, ws);
+  const int64_t slots = max_slots(&p);
+  const dim3 grid((unsigned)slots,
+                  grid_y_for((p.cols + kThreads - 1) / kThreads));
+  ema_apply<A><<<grid, kThreads, 0, s>>>(means, sl, p.cols, momentum, bad_row,
+                                         seen, centroids, centroids_stride);
+  ema_mark_seen<<<blocks_for(slots), kThreads, 0, s>>>(sl, slots, bad_row,
+                                                       seen);
 }
 
 } // namespace
@@ -571,75 +1082,48 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
     loss_dispatch<__half>(*p, loss, loss_stride, grad, grad_stride, ws, s);
     break;
   }
-  return MCMI_OK;
+  return launch_status();
 }
 
 mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
                                  void *sums, int64_t sums_stride,
-                                 int64_t *counts, void *workspace,
-                                 void *stream) {
+                                 int64_t *counts, int64_t *bad_row,
+                                 void *workspace, void *stream) {
   if (!problem_ok(p) || sums == nullptr || counts == nullptr ||
-      workspace == nullptr) {
+      bad_row == nullptr || workspace == nullptr) {
     return MCMI_ERROR_ARGUMENT;
   }
-  const Layout l = make_layout(p, true);
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
-  switch (p->dtype) {
-  case MCMI_FLOAT32:
-    sums_dispatch<float>(*p, l, ws, log_probs, 0, (float *)sums, sums_stride,
-                         counts, s);
-    break;
-  case MCMI_FLOAT64:
-    sums_dispatch<double>(*p, l, ws, log_probs, 0, (double *)sums, sums_stride,
-                          counts, s);
-    break;
-  case MCMI_BFLOAT16:
-    sums_dispatch<__nv_bfloat16>(*p, l, ws, log_probs, 0, (float *)sums,
-                                 sums_stride, counts, s);
-    break;
-  case MCMI_FLOAT16:
-    sums_dispatch<__half>(*p, l, ws, log_probs, 0, (float *)sums, sums_stride,
-                          counts, s);
-    break;
+  if (p->dtype == MCMI_FLOAT64) {
+    class_sums_launch<double>(*p, log_probs, (double *)sums, sums_stride,
+                              counts, bad_row, ws, s);
+  } else {
+    class_sums_launch<float>(*p, log_probs, (float *)sums, sums_stride, counts,
+                             bad_row, ws, s);
   }
-  return MCMI_OK;
+  return launch_status();
 }
 
 mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *centroids, int64_t centroids_stride,
-                                 uint8_t *seen, void *workspace, void *stream) {
+                                 uint8_t *seen, int64_t *bad_row,
+                                 void *workspace, void *stream) {
   if (!problem_ok(p) || centroids == nullptr || seen == nullptr ||
-      workspace == nullptr || !(momentum > 0.0 && momentum <= 1.0)) {
+      bad_row == nullptr || workspace == nullptr ||
+      !(momentum > 0.0 && momentum <= 1.0)) {
     return MCMI_ERROR_ARGUMENT;
   }
-  const Layout l = make_layout(p, true);
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
-  int64_t *counts = (int64_t *)(ws + l.counts);
-  const dim3 grid((unsigned)p->classes, blocks_for(p->cols));
   if (p->dtype == MCMI_FLOAT64) {
-    double *means = (double *)(ws + l.means);
-    sums_dispatch<double>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    ema_apply<double>
-        <<<grid, kThreads, 0, s>>>(means, counts, p->cols, momentum, seen,
-                                   (double *)centroids, centroids_stride);
+    ema_launch<double>(*p, momentum, (double *)centroids, centroids_stride,
+                       seen, bad_row, ws, s);
   } else {
-    float *means = (float *)(ws + l.means);
-    if (p->dtype == MCMI_FLOAT32) {
-      sums_dispatch<float>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    } else if (p->dtype == MCMI_BFLOAT16) {
-      sums_dispatch<__nv_bfloat16>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    } else {
-      sums_dispatch<__half>(*p, l, ws, 0, 1, means, p->cols, counts, s);
-    }
-    ema_apply<float>
-        <<<grid, kThreads, 0, s>>>(means, counts, p->cols, (float)momentum,
-                                   seen, (float *)centroids, centroids_stride);
+    ema_launch<float>(*p, (float)momentum, (float *)centroids, centroids_stride,
+                      seen, bad_row, ws, s);
   }
-  ema_mark_seen<<<blocks_for(p->classes), kThreads, 0, s>>>(counts, p->classes,
-                                                            seen);
-  return MCMI_OK;
+  return launch_status();
 }
 
 mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
@@ -660,20 +1144,20 @@ mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
   case MCMI_FLOAT32:
     scale_rows_kernel<float><<<blocks, kThreads, 0, s>>>(
         (float *)x, rows, cols, stride, (const float *)scale, scale_stride);
-    return MCMI_OK;
+    return launch_status();
   case MCMI_FLOAT64:
     scale_rows_kernel<double><<<blocks, kThreads, 0, s>>>(
         (double *)x, rows, cols, stride, (const double *)scale, scale_stride);
-    return MCMI_OK;
+    return launch_status();
   case MCMI_BFLOAT16:
     scale_rows_kernel<__nv_bfloat16><<<blocks, kThreads, 0, s>>>(
         (__nv_bfloat16 *)x, rows, cols, stride, (const __nv_bfloat16 *)scale,
         scale_stride);
-    return MCMI_OK;
+    return launch_status();
   case MCMI_FLOAT16:
     scale_rows_kernel<__half><<<blocks, kThreads, 0, s>>>(
         (__half *)x, rows, cols, stride, (const __half *)scale, scale_stride);
-    return MCMI_OK;
+    return launch_status();
   }
   return MCMI_ERROR_ARGUMENT;
 }

@@ -3,14 +3,19 @@
  *
  * Same problems and results as the CPU kernels of mcmi.h; every pointer in
  * the problem and every output is device memory, and `stream` is the
- * cudaStream_t to launch on (asynchronous: errors of the launch itself are
- * CUDA's to report). Results are deterministic: every reduction has a fixed
+ * cudaStream_t to launch on. Calls are asynchronous; each returns
+ * MCMI_ERROR_LAUNCH when a kernel launch failed (cudaGetLastError, which it
+ * clears). Results are bitwise deterministic: every reduction has a fixed
  * order, and class sums use no floating-point atomics.
  *
- * Labels are read on the device, so they cannot raise without a device sync:
- * a row whose label is neither ignore_index nor in [0, classes) gets NaN as
- * its loss (hence a NaN mean or sum) and NaN gradients, and no memory is
- * indexed with it. Centroid rows are not checked for summing to 1 here.
+ * Labels and centroids live on the device and are checked there, without a
+ * sync. In the loss, a row whose label is neither ignore_index nor in
+ * [0, classes), or whose given (not log) centroid row does not sum to 1
+ * within MCMI_CENTROID_SUM_TOLERANCE, gets NaN as its loss (hence a NaN mean
+ * or sum) and NaN gradients; no memory is indexed with a bad label. Class
+ * sums and the EMA update write the first row with a bad label (or -1) to
+ * the device int64 *bad_row, and the EMA update then changes nothing: the
+ * caller reads it to raise as the CPU kernels do.
  */
 #ifndef MCMI_CUDA_H
 #define MCMI_CUDA_H
@@ -30,16 +35,20 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
                            int64_t loss_stride, void *grad, int64_t grad_stride,
                            void *workspace, void *stream);
 
-/* As mcmi_cpu_class_sums (sums are float32, float64 for float64 logits). */
+/* As mcmi_cpu_class_sums (sums are float32, float64 for float64 logits);
+ * rows with a bad label are left out and *bad_row names the first. */
 mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
                                  void *sums, int64_t sums_stride,
-                                 int64_t *counts, void *workspace,
-                                 void *stream);
+                                 int64_t *counts, int64_t *bad_row,
+                                 void *workspace, void *stream);
 
-/* As mcmi_cpu_ema_update; workspace of mcmi_cuda_class_sums_workspace. */
+/* As mcmi_cpu_ema_update, with the workspace of
+ * mcmi_cuda_class_sums_workspace; with a bad label (*bad_row >= 0) nothing
+ * is updated. */
 mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *centroids, int64_t centroids_stride,
-                                 uint8_t *seen, void *workspace, void *stream);
+                                 uint8_t *seen, int64_t *bad_row,
+                                 void *workspace, void *stream);
 
 /* As mcmi_cpu_scale_rows. */
 mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
