@@ -197,3 +197,50 @@ def test_repr_shows_what_the_constructor_takes():
     batch = repr(mcmi_torch.MCMILoss(label_smoothing=0.1, weight=torch.ones(6)))
     assert "centroids='batch'," in batch and "momentum" not in batch
     assert "weight=<[6] buffer>" in batch and "label_smoothing=0.1" in batch
+
+
+class TupleModel(torch.nn.Module):
+    """A classifier that returns its features with the logits, in either order
+    (RepDistiller's ``is_feat=True``: ``(feats, logits)``; mdistiller: ``(logits,
+    feats)``)."""
+
+    def __init__(self, logits_first):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 4)
+        self.logits_first = logits_first
+
+    def forward(self, x):
+        feats = torch.relu(self.body(x))
+        logits = self.head(feats)
+        return (logits, {"feats": [feats]}) if self.logits_first else ([feats], logits)
+
+
+def test_tuple_models_with_an_output_selector():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(15)
+    loader = DataLoader(
+        TensorDataset(torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,), generator=g)),
+        batch_size=16,
+    )
+    for logits_first, index in ((True, 0), (False, 1)):
+        model = TupleModel(logits_first)
+        plain = torch.nn.Sequential(model.body, torch.nn.ReLU(), model.head)
+        want_q = mcmi_torch.estimate_centroids(plain, loader, 4, progress=False)
+        want_report = mcmi_torch.metrics.teacher_report(plain, loader, 4, progress=False)
+        for output in (index, lambda out, i=index: out[i]):
+            q = mcmi_torch.estimate_centroids(model, loader, 4, progress=False, output=output)
+            torch.testing.assert_close(q, want_q, rtol=0, atol=0)
+            report = mcmi_torch.metrics.teacher_report(
+                model, loader, 4, progress=False, output=output
+            )
+            assert report == want_report
+        with pytest.raises(TypeError, match=r"returned a tuple, not a logits tensor: pass output="):
+            mcmi_torch.estimate_centroids(model, loader, 4, progress=False)
+        with pytest.raises(TypeError, match=r"returned a tuple, not a logits tensor: pass output="):
+            mcmi_torch.metrics.teacher_report(model, loader, 4, progress=False)
+        wrong = 1 - index
+        kind = "dict" if logits_first else "list"
+        with pytest.raises(TypeError, match=f"output={wrong} picked a {kind} from the model's"):
+            mcmi_torch.estimate_centroids(model, loader, 4, progress=False, output=wrong)
