@@ -6,11 +6,21 @@
 The kernels are C (CPU, OpenMP) and CUDA behind stable-ABI custom ops in the
 ``mcmi`` namespace (``torch.ops.mcmi.loss``, ``.scale_grad_``, ``.class_sums``,
 ``.ema_update_``). Submodules: ``metrics`` (teacher CMI, NCMI), ``mimkd`` (a
-student loss), and, imported on demand, ``pid`` (needs the ``[pid]`` extra)
-and ``integrations`` (torchdistill).
+student loss), and, imported on first access (``mcmi_torch.pid``), ``pid``
+(needs the ``[pid]`` extra) and ``integrations`` (torchdistill).
 """
 
+import importlib
+
 import torch  # noqa: F401  (torch's libraries and OpenMP runtime load first)
+
+from ._imports import check_extension_built
+
+try:
+    from . import _C  # noqa: F401  (the kernels and the torch.ops.mcmi schemas)
+except ImportError as error:
+    check_extension_built(error)
+    raise
 
 from . import metrics, mimkd, reference
 from ._ops import CENTROID_FLOOR, class_sums
@@ -34,3 +44,15 @@ __all__ = [
     "reference",
     "suggest_lambda",
 ]
+
+_LAZY_SUBMODULES = ("integrations", "pid")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})

@@ -185,6 +185,26 @@ class _EagerLoss(torch.autograd.Function):
     backward = staticmethod(_loss_backward)
 
 
+# Under autocast, mcmi::loss runs in float32 as F.cross_entropy does (autocast's
+# fp32 list): 16-bit floating inputs are cast to float32, so the loss comes back
+# in float32 and the cast's backward returns the gradient in the logits' dtype.
+# The Python entry point casts before the op (so eager calls and torch.compile
+# trace the same cast); these rules cover direct calls of the op.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("mcmi::loss", _device_type, torch.float32)
+
+_AUTOCAST_CAST = (torch.float16, torch.bfloat16)
+
+
+def autocast_float32(logits: Tensor) -> Tensor:
+    """``logits`` cast to float32 when they are 16-bit and autocast is enabled
+    for their device (what autocast does to the inputs of F.cross_entropy);
+    otherwise ``logits`` themselves."""
+    if logits.dtype in _AUTOCAST_CAST and torch.is_autocast_enabled(logits.device.type):
+        return logits.float()
+    return logits
+
+
 def compute_dtype(logits: Tensor) -> torch.dtype:
     """Dtype the kernels work in (and centroids must have) for these logits."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -231,10 +251,12 @@ def loss(
     num_classes: int | None = None,
     log_centroids: bool = False,
 ) -> Tensor:
-    """``ce_weight * CE + cmi_weight * CMI`` through the fused op. With
-    ``log_centroids``, ``centroids`` holds ``log max(Q, CENTROID_FLOOR)``."""
+    """``ce_weight * CE + cmi_weight * CMI`` through the fused op, for ``[B, C]``
+    logits (float32 under autocast). With ``log_centroids``, ``centroids``
+    holds ``log max(Q, CENTROID_FLOOR)``."""
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError("logits and target must be tensors")
+    logits = autocast_float32(logits)
     code = check_reduction(reduction)
     temperature = check_positive_finite("temperature", temperature)
     q = prepare_centroids(centroids, logits)

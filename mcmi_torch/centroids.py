@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,33 @@ def split_batch(batch) -> tuple[Tensor, Tensor]:
     raise TypeError("each batch must be a (inputs, targets, ...) tuple or list")
 
 
+#: Picks the logits from what a model returns: an index (``1`` for
+#: RepDistiller's ``(feats, logits)``, ``0`` for mdistiller's ``(logits,
+#: feats)``), a key, or a callable on the output.
+OutputSelector = Union[int, str, Callable[[Any], Tensor], None]
+
+
+def select_logits(out: Any, output: OutputSelector) -> Tensor:
+    """The logits tensor in a model's output, picked by ``output`` (see
+    :data:`OutputSelector`; ``None``: the output itself)."""
+    if output is None:
+        if isinstance(out, Tensor):
+            return out
+        raise TypeError(
+            f"the model returned a {type(out).__name__}, not a logits tensor: pass output= "
+            "to pick the logits, an index or key (output=0 for (logits, feats) as mdistiller's "
+            "models return, output=1 for (feats, logits) as RepDistiller's with is_feat=True) "
+            "or a callable on the output"
+        )
+    picked = output(out) if callable(output) else out[output]
+    if not isinstance(picked, Tensor):
+        raise TypeError(
+            f"output={output!r} picked a {type(picked).__name__} from the model's "
+            f"{type(out).__name__}, not a logits tensor"
+        )
+    return picked
+
+
 def model_outputs(
     model: nn.Module,
     loader: Iterable,
@@ -37,16 +65,18 @@ def model_outputs(
     desc: str,
     progress: bool,
     train_mode: bool = False,
+    output: OutputSelector = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(logits, targets)`` for each batch of ``loader``, on ``device``, with
     the model in train or eval mode (its own mode is restored afterwards) and
-    a tqdm progress bar. Call it under ``torch.no_grad()``."""
+    a tqdm progress bar; the logits picked from the model's output by
+    ``output`` (:func:`select_logits`). Call it under ``torch.no_grad()``."""
     was_training = model.training
     model.train(train_mode)
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             inputs, targets = split_batch(batch)
-            yield model(inputs.to(device)), targets.to(device)
+            yield select_logits(model(inputs.to(device)), output), targets.to(device)
     finally:
         model.train(was_training)
 
@@ -61,6 +91,7 @@ def estimate_centroids(
     temperature: float = 1.0,
     progress: bool = True,
     train_mode: bool = False,
+    output: OutputSelector = None,
 ) -> Tensor:
     """Class centroids of ``model`` over ``loader``: ``Q_c`` is the mean of
     ``softmax(model(x) / T)`` over the samples of class ``c``.
@@ -85,6 +116,11 @@ def estimate_centroids(
         temperature: softmax temperature.
         progress: show a tqdm progress bar.
         train_mode: run the model in train mode (see above).
+        output: for a model that returns more than logits, what picks them:
+            an index or key into its output (``output=0`` for mdistiller's
+            ``(logits, feats)``, ``output=1`` for RepDistiller's ``(feats,
+            logits)`` with ``is_feat=True``) or a callable on the output
+            (``output=lambda out: out.logits``).
 
     Returns:
         ``[K, C]`` float32 centroids on ``device``, each row summing to 1.
@@ -93,7 +129,13 @@ def estimate_centroids(
     device = torch.device(device) if device is not None else model_device(model)
     sums = counts = None
     outputs = model_outputs(
-        model, loader, device, desc="centroids", progress=progress, train_mode=train_mode
+        model,
+        loader,
+        device,
+        desc="centroids",
+        progress=progress,
+        train_mode=train_mode,
+        output=output,
     )
     for logits, targets in outputs:
         s, c = _ops.class_sums(logits, targets, num_classes, temperature=temperature)

@@ -2,9 +2,68 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import _ops
+
+
+def flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, torch.Size | None]:
+    """Logits and targets as the fused op takes them, as ``nn.CrossEntropyLoss``
+    reads them: ``[N, C, d1, ...]`` logits with ``[N, d1, ...]`` targets become
+    ``[N * d1 * ..., C]`` rows (class dim moved last) and ``[N * d1 * ...]``
+    labels; ``[C]`` logits with a 0-D target become one row. Also returns the
+    shape of a per-element result (``None`` for ``[B, C]`` input).
+
+    Raises on class-probability (floating-point) targets, which these losses
+    do not take: the CMI term conditions on each sample's class."""
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("logits and target must be tensors")
+    if target.is_floating_point():
+        raise TypeError(
+            f"target is {target.dtype}: class-probability targets, which nn.CrossEntropyLoss "
+            "accepts, are not supported (the CMI term conditions on each sample's class); "
+            "pass int64 class indices"
+        )
+    if logits.dim() == 2:
+        return logits, target, None
+    if logits.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(
+                f"for 1-D logits [C] target must be 0-D, got shape {list(target.shape)}"
+            )
+        return logits.unsqueeze(0), target.unsqueeze(0), target.shape
+    if logits.dim() == 0:
+        raise ValueError("logits must be [N, C], [C] or [N, C, d1, ...], got a 0-D tensor")
+    expected = [logits.shape[0], *logits.shape[2:]]
+    if list(target.shape) != expected:
+        raise ValueError(
+            f"for logits of shape {list(logits.shape)} ([N, C, d1, ...]) target must have "
+            f"shape {expected} ([N, d1, ...]), got {list(target.shape)}"
+        )
+    rows = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+    return rows, target.reshape(-1), target.shape
+
+
+def unflatten(value: Tensor, shape: torch.Size | None) -> Tensor:
+    """A per-row result back in the shape of the targets (see flatten_classes);
+    reduced (0-D) results unchanged."""
+    return value if shape is None or value.dim() == 0 else value.reshape(shape)
+
+
+def _cmi_term(logits, target, centroids, cmi_weight, temperature, ignore_index, reduction):
+    rows, labels, shape = flatten_classes(logits, target)
+    value = _ops.loss(
+        rows,
+        labels,
+        centroids,
+        ce_weight=0.0,
+        cmi_weight=cmi_weight,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    return unflatten(value, shape)
 
 
 def cmi(
@@ -24,8 +83,11 @@ def cmi(
     at ignored rows (``'none'``). With no valid row the mean is 0.
 
     Args:
-        logits: ``[B, C]`` float32, float64, bfloat16 or float16.
-        target: ``[B]`` int64 labels in ``[0, K)`` or ``ignore_index``.
+        logits: ``[B, C]`` float32, float64, bfloat16 or float16; also
+            ``[N, C, d1, ...]`` (or ``[C]``) as ``nn.CrossEntropyLoss`` takes
+            them: every position is a sample, the class dim is dim 1.
+        target: ``[B]`` int64 labels in ``[0, K)`` or ``ignore_index``
+            (``[N, d1, ...]`` for ``[N, C, d1, ...]`` logits, 0-D for ``[C]``).
         centroids: ``[K, C]`` class centroids whose rows are probability
             vectors (e.g. from :func:`mcmi_torch.estimate_centroids`), used as
             constants; or ``None`` for in-batch centroids (the mean softmax of
@@ -37,19 +99,11 @@ def cmi(
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
 
     Returns:
-        A 0-D tensor (or ``[B]`` for ``'none'``) in the dtype of ``logits``.
-        Differentiable with respect to ``logits``.
+        A 0-D tensor (or the shape of ``target`` for ``'none'``) in the dtype
+        of ``logits``; float32 under ``torch.autocast`` for 16-bit logits, as
+        ``F.cross_entropy``. Differentiable with respect to ``logits``.
     """
-    return _ops.loss(
-        logits,
-        target,
-        centroids,
-        ce_weight=0.0,
-        cmi_weight=1.0,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+    return _cmi_term(logits, target, centroids, 1.0, temperature, ignore_index, reduction)
 
 
 def mcmi(
@@ -68,13 +122,4 @@ def mcmi(
     trains a teacher that maximizes its conditional mutual information.
     Arguments and return value as in :func:`cmi`.
     """
-    return _ops.loss(
-        logits,
-        target,
-        centroids,
-        ce_weight=0.0,
-        cmi_weight=-1.0,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+    return _cmi_term(logits, target, centroids, -1.0, temperature, ignore_index, reduction)

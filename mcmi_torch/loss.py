@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ops
 from .distributed import all_reduce_sum, is_distributed
+from .functional import flatten_classes, unflatten
 from .guard import CollapseGuard
 
 _ROW_SUM_TOLERANCE = 1e-3
@@ -41,7 +43,9 @@ class MCMILoss(nn.Module):
     ``forward(logits, target)`` returns ``CE(logits, target) - lam * CMI`` in
     one fused op: CE at temperature 1, CMI at ``temperature`` (see
     :func:`mcmi_torch.cmi`), both reduced over the rows whose label is not
-    ``ignore_index``. A drop-in for ``nn.CrossEntropyLoss``.
+    ``ignore_index``. A drop-in for ``nn.CrossEntropyLoss``: ``[N, C]``,
+    ``[C]`` and ``[N, C, d1, ...]`` logits with class-index targets, and
+    under ``torch.autocast`` a float32 loss, as there.
 
     Args:
         lam: weight of the CMI term (the MCMI paper uses 0.1 to 0.8).
@@ -68,6 +72,17 @@ class MCMILoss(nn.Module):
         momentum: EMA weight of the newest batch (``'ema'`` only), in (0, 1].
         ignore_index: label value of rows to skip.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+        weight: per-class weights ``[C]`` of the CE term, exactly as in
+            ``F.cross_entropy`` (``'mean'`` divides the weighted sum by the sum
+            of the weights of the non-ignored targets). The CMI term stays
+            unweighted: the mean (or sum) of the per-sample KL over the
+            non-ignored rows. Stored as the buffer ``weight``.
+        label_smoothing: in [0, 1], smoothing of the CE term exactly as in
+            ``F.cross_entropy``; the CMI term is unchanged.
+
+    With ``weight`` or ``label_smoothing`` the CE term is ``F.cross_entropy``
+    and the CMI term the fused op (two passes over the logits); with neither,
+    the single fused op computes both.
 
     Attributes:
         guard: a :class:`~mcmi_torch.guard.CollapseGuard`, fed the training
@@ -86,6 +101,8 @@ class MCMILoss(nn.Module):
         momentum: float = 0.1,
         ignore_index: int = -100,
         reduction: str = "mean",
+        weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         lam = float(lam)
@@ -101,6 +118,17 @@ class MCMILoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.guard = CollapseGuard()
+        label_smoothing = float(label_smoothing)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        if weight is not None:
+            if not isinstance(weight, Tensor) or not weight.is_floating_point():
+                raise TypeError("weight must be a floating-point tensor [classes] or None")
+            if weight.dim() != 1:
+                raise ValueError(f"weight must be 1-D [classes], got {weight.dim()}-D")
+            weight = weight.detach()
+        self.register_buffer("weight", weight)
 
         if isinstance(centroids, Tensor):
             self.mode = "fixed"
@@ -128,13 +156,29 @@ class MCMILoss(nn.Module):
             raise ValueError(f"centroids must be a tensor, 'batch' or 'ema', got {centroids!r}")
 
     def extra_repr(self) -> str:
-        return (
-            f"lam={self.lam}, centroids={self.mode!r}, num_classes={self.num_classes}, "
-            f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}"
-        )
+        if self.mode == "fixed":
+            # The tensor itself is no constructor argument one could type.
+            parts = [f"centroids=<fixed {list(self.centroids.shape)} buffer>"]
+        else:
+            parts = [f"centroids={self.mode!r}"]
+            if self.num_classes is not None:
+                parts.append(f"num_classes={self.num_classes}")
+            if self.mode == "ema":
+                parts.append(f"momentum={self.momentum}")
+        parts += [
+            f"temperature={self.temperature}",
+            f"ignore_index={self.ignore_index}",
+            f"reduction={self.reduction!r}",
+        ]
+        if self.weight is not None:
+            parts.append(f"weight=<{list(self.weight.shape)} buffer>")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        return ", ".join([f"lam={self.lam}", *parts])
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits, target, shape = flatten_classes(logits, target)
+        logits = _ops.autocast_float32(logits)
         log_centroids = self.mode == "fixed" and not torch.compiler.is_compiling()
         if log_centroids:
             centroids = self._log_centroids(_ops.compute_dtype(logits))
@@ -147,11 +191,12 @@ class MCMILoss(nn.Module):
             centroids = self._batch_centroids(logits, target)[0]
         else:
             centroids = None
+        fused_ce = self.weight is None and self.label_smoothing == 0.0
         value = _ops.loss(
             logits,
             target,
             centroids,
-            ce_weight=1.0,
+            ce_weight=1.0 if fused_ce else 0.0,
             cmi_weight=-self.lam,
             temperature=self.temperature,
             ignore_index=self.ignore_index,
@@ -159,12 +204,22 @@ class MCMILoss(nn.Module):
             num_classes=self.num_classes,
             log_centroids=log_centroids,
         )
+        if not fused_ce:
+            weight = self.weight.to(logits.dtype) if self.weight is not None else None
+            value = value + F.cross_entropy(
+                logits,
+                target,
+                weight=weight,
+                ignore_index=self.ignore_index,
+                reduction=self.reduction,
+                label_smoothing=self.label_smoothing,
+            )
         if self.mode == "ema" and torch.is_grad_enabled():
             self._update(logits, target)
         guarded = self.guard is not None and self.lam > 0 and torch.is_grad_enabled()
         if guarded and not torch.compiler.is_compiling():
             self.guard.observe(logits, target, self.ignore_index, self.lam)
-        return value
+        return unflatten(value, shape)
 
     @torch.no_grad()
     def _log_centroids(self, dtype: torch.dtype) -> Tensor:

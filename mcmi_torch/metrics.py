@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
-from .centroids import model_device, model_outputs
+from .centroids import OutputSelector, model_device, model_outputs
 from .distributed import all_reduce_sum
 
 
@@ -72,6 +72,7 @@ def teacher_report(
     device: torch.device | str | None = None,
     temperature: float = 1.0,
     progress: bool = True,
+    output: OutputSelector = None,
 ) -> TeacherReport:
     """Accuracy, CMI, separation and NCMI of ``model`` over ``loader``.
 
@@ -79,11 +80,17 @@ def teacher_report(
     number of samples: per-class sums of softmax and log-softmax rows through
     the class-sum kernel. With ``torch.distributed`` initialized, sums from
     all ranks are added, so every rank reports on the whole data.
+
+    ``output`` picks the logits from a model that returns more (a tuple, a
+    dict): an index, a key or a callable, as in
+    :func:`mcmi_torch.estimate_centroids`.
     """
     device = torch.device(device) if device is not None else model_device(model)
     k = num_classes
     totals = None
-    outputs = model_outputs(model, loader, device, desc="teacher report", progress=progress)
+    outputs = model_outputs(
+        model, loader, device, desc="teacher report", progress=progress, output=output
+    )
     for logits, targets in outputs:
         s, c = _ops.class_sums(logits, targets, k, temperature=temperature)
         lsum, _ = _ops.class_sums(logits, targets, k, temperature=temperature, log_probs=True)

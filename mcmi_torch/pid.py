@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
+from ._imports import import_extra
+
+np = import_extra("numpy", "pid")
 
 _LOG2 = math.log(2.0)
 
@@ -56,11 +58,8 @@ def _cond_entropy_y(joint: np.ndarray, axes: tuple[int, ...]) -> float:
 
 def _solve_min_synergy(p: np.ndarray) -> np.ndarray:
     """argmax_Q H_Q(Y | T, S) subject to Q(t, y) = P(t, y), Q(s, y) = P(s, y)."""
-    try:
-        import cvxpy as cp
-        import scipy.sparse as sp
-    except ImportError as exc:  # pragma: no cover - exercised without the extra
-        raise ImportError("mcmi_torch.pid needs cvxpy: pip install 'mcmi-torch[pid]'") from exc
+    cp = import_extra("cvxpy", "pid")
+    sp = import_extra("scipy.sparse", "pid")
 
     _, ns, ny = p.shape
     pty, psy = p.sum(axis=1), p.sum(axis=0)
@@ -132,9 +131,9 @@ def discretize(features, *, n_components: int = 10, n_clusters: int = 8, seed: i
     """Cluster indices of representations: PCA to ``n_components`` dimensions
     (after centering and scaling each feature to unit variance), then k-means
     with ``n_clusters`` clusters (10 restarts). Needs scikit-learn."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
+    KMeans = import_extra("sklearn.cluster", "pid").KMeans
+    PCA = import_extra("sklearn.decomposition", "pid").PCA
+    StandardScaler = import_extra("sklearn.preprocessing", "pid").StandardScaler
 
     x = np.asarray(_to_numpy(features), dtype=np.float64).reshape(len(features), -1)
     x = StandardScaler().fit_transform(x)

@@ -47,7 +47,7 @@ def test_wrong_dtypes(problem):
         mcmi_torch.cmi(logits.long(), target, q)
     with pytest.raises(RuntimeError, match="target must be int64, got int32"):
         mcmi_torch.cmi(logits, target.int(), q)
-    with pytest.raises(RuntimeError, match="target must be int64"):
+    with pytest.raises(TypeError, match=r"class-probability targets.*not supported"):
         mcmi_torch.cmi(logits, target.float(), q)
     with pytest.raises(TypeError, match="centroids must be a floating-point tensor"):
         mcmi_torch.cmi(logits, target, q.long())
@@ -57,10 +57,12 @@ def test_wrong_dtypes(problem):
 
 def test_wrong_shapes(problem):
     logits, target, q = problem
-    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+    with pytest.raises(ValueError, match=r"for 1-D logits \[C\] target must be 0-D"):
         mcmi_torch.cmi(logits[0], target, q)
-    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+    with pytest.raises(ValueError, match=r"target must have shape \[6, 1\] \(\[N, d1, ...\]\)"):
         mcmi_torch.cmi(logits.unsqueeze(2), target, q)
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        op(logits.unsqueeze(2), target, q.float())
     with pytest.raises(RuntimeError, match="target must be 1-D"):
         mcmi_torch.cmi(logits, target.unsqueeze(1), q)
     with pytest.raises(RuntimeError, match="target has 5 entries but logits have 6 rows"):

@@ -26,7 +26,7 @@ def test_fixed_centroids_are_renormalized_buffers():
     torch.testing.assert_close(crit.centroids.sum(1), torch.ones(6))
     assert crit.centroids.dtype == torch.float32
     assert not crit.centroids.requires_grad
-    assert "lam=0.25" in repr(crit) and "'fixed'" in repr(crit)
+    assert "lam=0.25" in repr(crit) and "centroids=<fixed [6, 6] buffer>" in repr(crit)
 
 
 def test_cached_log_centroids_follow_the_buffer():
