@@ -16,7 +16,10 @@ _ROW_SUM_TOLERANCE = 1e-3
 def check_centroids(centroids: Tensor) -> Tensor:
     """Validates user-given centroids and returns them renormalized, detached."""
     if not isinstance(centroids, Tensor) or not centroids.is_floating_point():
-        raise TypeError("centroids must be a floating-point tensor [num_classes, classes]")
+        got = centroids.dtype if isinstance(centroids, Tensor) else type(centroids).__name__
+        raise TypeError(
+            f"centroids must be a floating-point tensor [num_classes, classes], got {got}"
+        )
     if centroids.dim() != 2:
         raise ValueError(f"centroids must be 2-D [num_classes, classes], got {centroids.dim()}-D")
     q = centroids.detach()
@@ -80,17 +83,16 @@ class MCMILoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        lam = float(lam)
-        if not math.isfinite(lam):
-            raise ValueError(f"lam must be finite, got {lam}")
-        momentum = float(momentum)
+        momentum = _ops.check_real("momentum", momentum)
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         _ops.check_reduction(reduction)
+        if num_classes is not None:
+            num_classes = _ops.check_int("num_classes", num_classes, minimum=1)
         self.lam = lam
         self.temperature = _ops.check_positive_finite("temperature", temperature)
         self.momentum = momentum
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _ops.check_int("ignore_index", ignore_index)
         self.reduction = reduction
 
         if isinstance(centroids, Tensor):
@@ -108,15 +110,65 @@ class MCMILoss(nn.Module):
             self.mode = "batch"
             self.num_classes = num_classes
         elif centroids == "ema":
-            if num_classes is None or int(num_classes) < 1:
+            if num_classes is None:
                 raise ValueError("centroids='ema' needs num_classes >= 1")
             self.mode = "ema"
-            self.num_classes = int(num_classes)
+            self.num_classes = num_classes
             k = self.num_classes
             self.register_buffer("centroids", torch.full((k, k), 1.0 / k))
             self.register_buffer("seen", torch.zeros(k, dtype=torch.bool))
         else:
-            raise ValueError(f"centroids must be a tensor, 'batch' or 'ema', got {centroids!r}")
+            error = ValueError if isinstance(centroids, str) else TypeError
+            raise error(f"centroids must be a tensor, 'batch' or 'ema', got {centroids!r}")
+
+    @property
+    def lam(self) -> float:
+        """Weight of the CMI term; may be changed between steps (a schedule)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        value = _ops.check_real("lam", value)
+        if not math.isfinite(value):
+            raise ValueError(f"lam must be finite, got {value}")
+        self._lam = value
+
+    def _apply(self, fn, recurse=True):
+        """Module casts keep the centroid state in float32 or float64: a cast to
+        16 bits (``.half()``, ``.bfloat16()``, ``.to(torch.float16)``) leaves it
+        in float32, cast from the original values (small entries would
+        underflow in 16 bits); ``.double()`` and device moves apply as usual."""
+        centroids = self._buffers.get("centroids")
+
+        def keep_precision(t):
+            out = fn(t)
+            if t is centroids and out.dtype not in (torch.float32, torch.float64):
+                out = t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_precision, recurse)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Loaded centroids are validated as at construction (finite,
+        non-negative, rows summing to 1 within 1e-3; fixed ones renormalized)
+        and kept in the buffer's dtype."""
+        key = prefix + "centroids"
+        given = state_dict.get(key)
+        mine = self._buffers.get("centroids")
+        if isinstance(given, Tensor) and mine is not None and given.shape == mine.shape:
+            if not given.is_meta:
+                try:
+                    q = check_centroids(given)
+                except (TypeError, ValueError) as error:
+                    error_msgs.append(f"invalid {key!r}: {error}")
+                    return
+                given = q if self.mode == "fixed" else given.detach()
+            state_dict[key] = given.to(mine.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -126,7 +178,13 @@ class MCMILoss(nn.Module):
         )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        log_centroids = self.mode == "fixed" and not torch.compiler.is_compiling()
+        if self.mode != "batch":
+            self._check_state(logits)
+        log_centroids = (
+            self.mode == "fixed"
+            and not torch.compiler.is_compiling()
+            and not self.centroids.is_inference()
+        )
         if log_centroids:
             centroids = self._log_centroids(_ops.compute_dtype(logits))
         elif self.mode != "batch":
@@ -151,21 +209,56 @@ class MCMILoss(nn.Module):
             log_centroids=log_centroids,
         )
         if self.mode == "ema" and torch.is_grad_enabled():
-            self._update(logits, target)
+            self._update(logits, target, value)
         return value
+
+    def _check_state(self, logits: Tensor) -> None:
+        """Errors that name the criterion's own state rather than an op argument."""
+        _ops.check_tensors(logits=logits)
+        q = self.centroids
+        if q.device != logits.device:
+            raise RuntimeError(
+                f"MCMILoss: the centroids buffer is on {q.device} but logits are on "
+                f"{logits.device}; move the criterion with .to({str(logits.device)!r})"
+            )
+        if (
+            self.mode == "ema"
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and (q.is_inference() or self.seen.is_inference())
+        ):
+            raise RuntimeError(
+                "MCMILoss: the 'ema' buffers are inference tensors (the criterion was created "
+                "or loaded under torch.inference_mode()), which cannot be updated outside "
+                "inference mode; create or load the criterion outside torch.inference_mode()"
+            )
+        if self.mode == "ema" and logits.dim() >= 2 and logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"MCMILoss(centroids='ema', num_classes={self.num_classes}) got logits with "
+                f"{logits.shape[1]} classes: 'ema' centroids are [num_classes, num_classes], "
+                "so num_classes must be the number of logits columns"
+            )
 
     @torch.no_grad()
     def _log_centroids(self, dtype: torch.dtype) -> Tensor:
         """``log max(Q, CENTROID_FLOOR)`` of the fixed centroids in ``dtype``,
-        so that the kernel need not take a log per element. Recomputed when
-        the buffer is replaced (``.to()``, assignment) or modified in place
-        (``load_state_dict``, user code: its version counter records it)."""
+        so that the kernel need not take a log per element. Recomputed, after
+        validating the buffer again, whenever the buffer may have changed:
+        replaced (``.to()``, assignment, ``.data =``: its identity or data
+        pointer) or modified in place (``load_state_dict``, ``copy_``: its
+        version counter). In-place writes through ``.data`` are invisible to
+        the version counter (as they are to autograd) and are not supported."""
         q = self.centroids
+        key = (q.data_ptr(), q._version, dtype)
         cached = self._log_cache
-        if cached is None or cached[0] is not q or cached[1:3] != (q._version, dtype):
+        if cached is None or cached[0] is not q or cached[1] != key:
+            try:
+                check_centroids(q)
+            except ValueError as error:
+                raise ValueError(f"MCMILoss: the centroids buffer was changed: {error}") from None
             log_q = q.to(dtype).clamp_min(_ops.CENTROID_FLOOR).log()
-            self._log_cache = (q, q._version, dtype, log_q)
-        return self._log_cache[3]
+            self._log_cache = (q, key, log_q)
+        return self._log_cache[2]
 
     @torch.no_grad()
     def _batch_centroids(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,7 +275,17 @@ class MCMILoss(nn.Module):
         return sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype), counts
 
     @torch.no_grad()
-    def _update(self, logits: Tensor, target: Tensor) -> None:
+    def _update(self, logits: Tensor, target: Tensor, value: Tensor) -> None:
+        """EMA step from this batch, unless its loss is not finite (NaN or
+        infinite logits): such a batch leaves the buffer as it is, so one bad
+        batch cannot poison the centroids of every later one."""
+        finite = torch.isfinite(value).all()
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not finite:
+                return
+        else:
+            # No device sync: a non-finite batch updates no class.
+            target = torch.where(finite, target, self.ignore_index)
         if not is_distributed() and self.centroids.dtype == _ops.compute_dtype(logits):
             # One fused kernel, touching only the rows of the classes present.
             torch.ops.mcmi.ema_update_(
@@ -194,6 +297,10 @@ class MCMILoss(nn.Module):
                 self.momentum,
                 self.ignore_index,
             )
+            if not torch.compiler.is_compiling():
+                # The op writes through the data pointer: record the write, so
+                # that a graph holding the old centroids sees it.
+                torch.autograd.graph.increment_version(self.centroids)
             return
         batch, counts = self._batch_centroids(logits, target)
         present = counts > 0
