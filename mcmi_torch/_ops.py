@@ -308,6 +308,8 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
 def check_real(name: str, value) -> float:
     """``value`` as a Python float: a real number (int, float, numpy scalar),
     never a bool, a string or a tensor."""
+    if type(value) is float:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         hint = " (use .item())" if isinstance(value, Tensor) else ""
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")

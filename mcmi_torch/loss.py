@@ -63,13 +63,26 @@ class MCMILoss(nn.Module):
               batch_c`` (the first batch that holds class ``c`` sets ``Q_c``).
               Updates happen only while grad is enabled, so calling the
               criterion under ``torch.no_grad()`` to validate leaves it as is.
-              With ``torch.distributed`` initialized, batch centroids are
-              computed over all ranks.
-        num_classes: number of classes ``K``; required for ``'ema'``.
+              A batch whose loss is not finite (NaN or infinite logits) gives
+              that loss, as ``nn.CrossEntropyLoss`` does, and leaves the
+              buffer unchanged. With ``torch.distributed`` initialized, batch
+              centroids are computed over all ranks.
+        num_classes: number of classes ``K`` (an int); required for ``'ema'``,
+            where it must equal the number of logits columns.
         temperature: softmax temperature of the CMI term.
         momentum: EMA weight of the newest batch (``'ema'`` only), in (0, 1].
-        ignore_index: label value of rows to skip.
+        ignore_index: label value of rows to skip (an int within int64).
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Centroid state: ``load_state_dict`` validates loaded centroids as the
+    constructor does (fixed ones are renormalized); fixed centroids modified
+    in place are validated again before their next use. Module casts
+    (``.half()``, ``.bfloat16()``, ``.to(dtype)``) keep the buffer in float32
+    (``.double()`` makes it float64); device moves apply as usual.
+
+    Second derivatives: ``backward(create_graph=True)`` works with fixed and
+    in-batch centroids; with ``'ema'`` the buffer has been updated in place by
+    then, so it raises (differentiate ``cmi`` on a copy of the buffer instead).
     """
 
     def __init__(
@@ -279,13 +292,14 @@ class MCMILoss(nn.Module):
         """EMA step from this batch, unless its loss is not finite (NaN or
         infinite logits): such a batch leaves the buffer as it is, so one bad
         batch cannot poison the centroids of every later one."""
-        finite = torch.isfinite(value).all()
         if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not finite:
+            # Reading a CPU scalar costs no device sync.
+            total = value if value.dim() == 0 else value.sum(dtype=torch.float64)
+            if not math.isfinite(total.item()):
                 return
         else:
             # No device sync: a non-finite batch updates no class.
-            target = torch.where(finite, target, self.ignore_index)
+            target = torch.where(torch.isfinite(value).all(), target, self.ignore_index)
         if not is_distributed() and self.centroids.dtype == _ops.compute_dtype(logits):
             # One fused kernel, touching only the rows of the classes present.
             torch.ops.mcmi.ema_update_(
