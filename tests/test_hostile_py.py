@@ -66,6 +66,35 @@ def test_hessian_vector_product_matches_reference(mode, reduction):
     torch.testing.assert_close(hv, hv_ref, rtol=1e-9, atol=1e-11)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 6),
+    temperature=st.sampled_from([0.3, 1.0, 4.0]),
+    ignore=st.sampled_from([0.0, 0.5, 1.0]),
+    batch=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_random_hessian_vector_products(rows, cols, temperature, ignore, batch, reduction, seed):
+    """Random shapes, including one column, one row and batches with every
+    row ignored, against autograd through the reference."""
+    logits, target, q = random_problem(rows, cols, dtype=torch.float64, ignore=ignore, seed=seed)
+    q = None if batch else q
+    kw = dict(temperature=temperature, reduction=reduction)
+    z = logits.requires_grad_(True)
+    w = torch.randn(rows, dtype=torch.float64) if reduction == "none" else torch.tensor(1.3)
+    v = torch.randn_like(z)
+    hvps = []
+    for fn in (mcmi_torch.cmi, reference.cmi):
+        g = torch.autograd.grad(fn(z, target, q, **kw), z, w.double(), create_graph=True)[0]
+        hvps.append(torch.autograd.grad(g, z, v, allow_unused=True)[0])
+    if hvps[1] is None:  # no valid row: the reference's gradient has no graph
+        assert hvps[0] is None or not hvps[0].any()
+    else:
+        torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-11)
+
+
 def test_gradient_penalty_through_a_model_in_float32():
     """A gradient penalty on the parameters (the usual double-backward use)."""
     torch.manual_seed(0)
