@@ -253,6 +253,20 @@ class _EagerLoss(torch.autograd.Function):
     backward = staticmethod(_loss_backward)
 
 
+class _FuncLoss(torch.autograd.Function):
+    """``_EagerLoss`` with a separate ``setup_context``, the form that
+    ``torch.func`` transforms (``grad``, ``vjp``) require; slower per call,
+    so used only under them."""
+
+    @staticmethod
+    def forward(*args):
+        with _below_autograd():
+            return torch.ops.mcmi.loss.default(*args)
+
+    setup_context = staticmethod(_loss_setup_context)
+    backward = staticmethod(_loss_backward)
+
+
 def compute_dtype(logits: Tensor) -> torch.dtype:
     """Dtype the kernels work in (and centroids must have) for these logits."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -380,6 +394,8 @@ def loss(
         with_grad,
     )
     if with_grad and not torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():
+            return _FuncLoss.apply(*args)[0]
         return _EagerLoss.apply(*args)[0]
     return torch.ops.mcmi.loss.default(*args)[0]
 

@@ -95,6 +95,20 @@ def test_random_hessian_vector_products(rows, cols, temperature, ignore, batch, 
         torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("mode", ["fixed", "batch"])
+def test_torch_func_grad_and_its_jacobian(mode):
+    """torch.func.grad works, and jacrev of it (vmap over the differentiable
+    backward) gives the Hessian of the reference."""
+    logits, target, q = random_problem(6, 4, dtype=torch.float64)
+    q = q if mode == "fixed" else None
+    ours = torch.func.grad(lambda z: mcmi_torch.cmi(z, target, q, temperature=2.0))
+    want = torch.func.grad(lambda z: reference.cmi(z, target, q, temperature=2.0))
+    torch.testing.assert_close(ours(logits), want(logits), rtol=1e-10, atol=1e-12)
+    hessian = torch.func.jacrev(ours)(logits)
+    assert hessian.shape == (6, 4, 6, 4) and hessian.abs().max() > 1e-3
+    torch.testing.assert_close(hessian, torch.func.jacrev(want)(logits), rtol=1e-9, atol=1e-11)
+
+
 def test_gradient_penalty_through_a_model_in_float32():
     """A gradient penalty on the parameters (the usual double-backward use)."""
     torch.manual_seed(0)
