@@ -14,7 +14,9 @@ _ROW_SUM_TOLERANCE = 1e-3
 
 
 def check_centroids(centroids: Tensor) -> Tensor:
-    """Validates user-given centroids and returns them renormalized, detached."""
+    """Validates user-given centroids and returns them renormalized (in
+    float64, returned in float32 or float64 whichever is wider than the input
+    dtype), detached."""
     if not isinstance(centroids, Tensor) or not centroids.is_floating_point():
         got = centroids.dtype if isinstance(centroids, Tensor) else type(centroids).__name__
         raise TypeError(
@@ -34,7 +36,8 @@ def check_centroids(centroids: Tensor) -> Tensor:
             f"centroids rows must sum to 1 (worst row is off by {worst:.3g}); "
             "pass probability vectors, e.g. from mcmi_torch.estimate_centroids"
         )
-    return q / q.sum(dim=1, keepdim=True)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    return (q.double() / row_sums.unsqueeze(1)).to(dtype)
 
 
 class MCMILoss(nn.Module):

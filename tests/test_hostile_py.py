@@ -182,6 +182,15 @@ def test_loaded_centroids_are_renormalized_and_keep_their_dtype():
     assert crit.centroids.dtype == torch.float32 and crit.centroids[0, 0] > 0
 
 
+def test_16_bit_centroids_are_renormalized_in_float64():
+    _, _, q = random_problem(1, 7)
+    half = q.half()
+    crit = mcmi_torch.MCMILoss(0.3, half)
+    want = half.double() / half.double().sum(1, keepdim=True)
+    assert crit.centroids.dtype == torch.float32
+    torch.testing.assert_close(crit.centroids, want.float(), rtol=0, atol=0)
+
+
 def test_in_place_writes_are_validated_and_never_served_stale():
     logits, target, q = random_problem(40, 6)
     crit = mcmi_torch.MCMILoss(0.5, q)
