@@ -7,13 +7,17 @@ first backward scales that saved gradient in place (or not at all when the
 upstream gradient is exactly 1 on the CPU) and hands it on, so forward +
 backward hold a single logits-sized buffer. A later backward through the same
 graph (``retain_graph=True``) recomputes the gradient from the saved inputs,
-so every backward gives the same result.
+so every backward gives the same result. A backward with ``create_graph=True``
+computes the gradient with differentiable torch ops instead, so that second
+derivatives (a gradient penalty, a Hessian-vector product) are exact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
 from typing import NamedTuple
 
 import torch
@@ -80,6 +84,12 @@ class _LossArgs(NamedTuple):
     with_grad: bool
 
 
+def _version(tensor: Tensor | None) -> int:
+    """Version counter of a tensor; 0 for None and for inference tensors,
+    which have none (and cannot be modified outside inference mode)."""
+    return 0 if tensor is None or tensor.is_inference() else tensor._version
+
+
 def _loss_setup_context(ctx, inputs, output):
     logits, target, centroids, *args = inputs
     _, grad = output
@@ -93,26 +103,86 @@ def _loss_setup_context(ctx, inputs, output):
     # gradient; held without autograd's version check because 'ema' updates
     # them in place within the step (checked in _recompute instead).
     ctx.centroids = centroids
-    ctx.centroids_version = centroids._version if centroids is not None else 0
+    ctx.centroids_version = _version(centroids)
     ctx.save_for_backward(grad, logits, target)
+
+
+def _class_means(p, y, valid, num_classes):
+    """In-batch centroids ``[K, C]`` (mean of the rows ``p`` of each class,
+    differentiable) and the class counts clamped to >= 1, as a ``[K, 1]``
+    column."""
+    sums = p.new_zeros(num_classes, p.shape[1]).index_add(0, y[valid], p[valid])
+    counts = torch.bincount(y[valid], minlength=num_classes).clamp_min(1).unsqueeze(1)
+    return sums / counts, counts
 
 
 def _batch_centroid_path(logits, target, weight, args):
     """Gradient that flows through in-batch centroids when the per-row
-    upstream weights differ within a class (zero when they are equal)."""
+    upstream weights differ within a class (zero when they are equal).
+    Differentiable torch ops throughout."""
     num_classes, temperature, floor = args.num_classes, args.temperature, args.floor
     dtype = compute_dtype(logits)
     p = torch.softmax(logits.to(dtype) / temperature, dim=1)
     valid = target != args.ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     w = torch.where(valid, weight.to(dtype), torch.zeros_like(p[:, 0]))
-    sums = p.new_zeros(num_classes, p.shape[1]).index_add(0, y[valid], p[valid])
-    counts = torch.bincount(y[valid], minlength=num_classes).clamp_min(1).unsqueeze(1)
-    q = sums / counts
+    q, counts = _class_means(p, y, valid, num_classes)
     live = (q >= floor).to(dtype)
     a = p.new_zeros(q.shape).index_add(0, y, w.unsqueeze(1) * p / q.clamp_min(floor)[y])
     v = (-args.cmi_weight * live * a / counts)[y] * valid.unsqueeze(1).to(dtype)
     return p * (v - (p * v).sum(dim=1, keepdim=True)) / temperature
+
+
+def _saved_centroids(ctx, create_graph):
+    """The centroids the forward used, unless an 'ema' update has overwritten
+    them since (their version counter records it)."""
+    centroids = ctx.centroids
+    if _version(centroids) != ctx.centroids_version:
+        if create_graph:
+            raise RuntimeError(
+                "mcmi: double backward (create_graph=True) needs the centroids of the forward "
+                "pass, but they were updated in place since (an 'ema' update); for a "
+                "differentiable gradient pass a copy of them as constants, e.g. "
+                "mcmi_torch.cmi(logits, target, criterion.centroids.clone())"
+            )
+        raise RuntimeError(
+            "mcmi: the centroids were modified in place after the forward pass (an 'ema' "
+            "update), so this graph cannot be backpropagated a second time"
+        )
+    return centroids
+
+
+def _graph_grad(ctx, logits, target, grad_loss):
+    """The gradient for ``grad_loss`` as differentiable torch ops, for a
+    backward with ``create_graph=True``: the formula of docs/math.md with the
+    path through in-batch centroids, so that autograd can differentiate it
+    with respect to the logits (through the centroids too) and ``grad_loss``."""
+    args = ctx.args
+    centroids = _saved_centroids(ctx, create_graph=True)
+    dtype = compute_dtype(logits)
+    z = logits.to(dtype)
+    valid = target != args.ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    weight = grad_loss.to(dtype).expand(z.shape[0]) * valid.to(dtype)
+    if args.reduction == REDUCTIONS["mean"]:
+        weight = weight / valid.sum().clamp_min(1).to(dtype)
+    log_p = torch.log_softmax(z / args.temperature, dim=1)
+    p = log_p.exp()
+    if centroids is None:
+        log_q = _class_means(p, y, valid, args.num_classes)[0].clamp_min(args.floor).log()
+    elif args.log_centroids:
+        log_q = centroids
+    else:
+        log_q = centroids.clamp_min(args.floor).log()
+    d = log_p - log_q[y]
+    grad = args.cmi_weight / args.temperature * p * (d - (p * d).sum(dim=1, keepdim=True))
+    if args.ce_weight != 0:
+        one_hot = torch.nn.functional.one_hot(y, z.shape[1]).to(dtype)
+        grad = grad + args.ce_weight * (torch.softmax(z, dim=1) - one_hot)
+    grad = grad * weight.unsqueeze(1)
+    if centroids is None and args.cmi_weight != 0:
+        grad = grad + _batch_centroid_path(logits, target, weight, args)
+    return grad.to(logits.dtype)
 
 
 def _is_eager_unit(grad_loss: Tensor) -> bool:
@@ -127,12 +197,7 @@ def _is_eager_unit(grad_loss: Tensor) -> bool:
 
 
 def _recompute(ctx, logits, target):
-    centroids = ctx.centroids
-    if centroids is not None and centroids._version != ctx.centroids_version:
-        raise RuntimeError(
-            "mcmi: the centroids were modified in place after the forward pass (an 'ema' "
-            "update), so this graph cannot be backpropagated a second time"
-        )
+    centroids = _saved_centroids(ctx, create_graph=False)
     return torch.ops.mcmi.loss(logits, target, centroids, *ctx.args[:-1], True)[1]
 
 
@@ -141,6 +206,9 @@ def _loss_backward(ctx, grad_loss, _unused):
         return (None,) * 12
     grad, logits, target = ctx.saved_tensors
     tracing = type(grad_loss) is not Tensor
+    if torch.is_grad_enabled() and not tracing:
+        # create_graph=True: a gradient autograd can differentiate again.
+        return (_graph_grad(ctx, logits, target, grad_loss),) + (None,) * 11
     if not ctx.args.with_grad or (ctx.unit_grad_used and not tracing):
         # No gradient was kept, or a previous backward consumed it.
         grad = _recompute(ctx, logits, target)
@@ -205,6 +273,20 @@ def autocast_float32(logits: Tensor) -> Tensor:
     return logits
 
 
+class _FuncLoss(torch.autograd.Function):
+    """``_EagerLoss`` with a separate ``setup_context``, the form that
+    ``torch.func`` transforms (``grad``, ``vjp``) require; slower per call,
+    so used only under them."""
+
+    @staticmethod
+    def forward(*args):
+        with _below_autograd():
+            return torch.ops.mcmi.loss.default(*args)
+
+    setup_context = staticmethod(_loss_setup_context)
+    backward = staticmethod(_loss_backward)
+
+
 def compute_dtype(logits: Tensor) -> torch.dtype:
     """Dtype the kernels work in (and centroids must have) for these logits."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -222,6 +304,12 @@ def prepare_centroids(centroids: Tensor | None, logits: Tensor) -> Tensor | None
     return centroids.to(compute_dtype(logits))
 
 
+def check_tensors(**tensors) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+
+
 def check_reduction(reduction: str) -> int:
     try:
         return REDUCTIONS[reduction]
@@ -231,11 +319,61 @@ def check_reduction(reduction: str) -> int:
         ) from None
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as a Python int: an int or integer scalar (numpy, 0-D integer
+    tensor), never a bool or a float (nothing is truncated), within int64 and
+    at least ``minimum``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not _INT64[0] <= number <= _INT64[1]:
+        raise ValueError(f"{name} must fit in int64, got {number}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def check_real(name: str, value) -> float:
+    """``value`` as a Python float: a real number (int, float, numpy scalar),
+    never a bool, a string or a tensor."""
+    if type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (use .item())" if isinstance(value, Tensor) else ""
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
+    return float(value)
+
+
 def check_positive_finite(name: str, value: float) -> float:
-    value = float(value)
+    value = check_real(name, value)
+    if torch.compiler.is_compiling():
+        # Possibly symbolic (dynamic shapes): the op checks it when it runs.
+        return value
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_temperature(temperature: float, logits: Tensor) -> float:
+    """A finite ``temperature > 0`` whose reciprocal the compute dtype of
+    ``logits`` holds (the kernels scale by ``1 / T``): at least
+    ``1 / finfo.max``, about 2.9e-39 for float32 and 5.6e-309 for float64."""
+    temperature = check_positive_finite("temperature", temperature)
+    dtype = compute_dtype(logits)
+    if not torch.compiler.is_compiling() and not 1.0 / temperature <= torch.finfo(dtype).max:
+        raise ValueError(
+            f"temperature={temperature:g} is too small for {logits.dtype} logits: the kernels "
+            f"compute in {dtype}, where 1 / temperature overflows; use a temperature >= "
+            f"{1.0 / torch.finfo(dtype).max:.3g}"
+            + (" or float64 logits" if dtype != torch.float64 else "")
+        )
+    return temperature
 
 
 def loss(
@@ -254,11 +392,11 @@ def loss(
     """``ce_weight * CE + cmi_weight * CMI`` through the fused op, for ``[B, C]``
     logits (float32 under autocast). With ``log_centroids``, ``centroids``
     holds ``log max(Q, CENTROID_FLOOR)``."""
-    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("logits and target must be tensors")
+    check_tensors(logits=logits, target=target)
     logits = autocast_float32(logits)
     code = check_reduction(reduction)
-    temperature = check_positive_finite("temperature", temperature)
+    temperature = check_temperature(temperature, logits)
+    ignore_index = check_int("ignore_index", ignore_index)
     q = prepare_centroids(centroids, logits)
     if num_classes is None:
         num_classes = q.shape[0] if q is not None and q.dim() == 2 else logits.shape[-1]
@@ -268,16 +406,18 @@ def loss(
         target,
         q,
         bool(log_centroids),
-        int(num_classes),
+        check_int("num_classes", num_classes),
         temperature,
-        float(ce_weight),
-        float(cmi_weight),
+        check_real("ce_weight", ce_weight),
+        check_real("cmi_weight", cmi_weight),
         CENTROID_FLOOR,
-        int(ignore_index),
+        ignore_index,
         code,
         with_grad,
     )
     if with_grad and not torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():
+            return _FuncLoss.apply(*args)[0]
         return _EagerLoss.apply(*args)[0]
     return torch.ops.mcmi.loss.default(*args)[0]
 
@@ -295,7 +435,12 @@ def class_sums(
     with ``log_probs=True``) and per-class counts, over rows whose label is
     not ``ignore_index``. Returns ``(sums [K, C], counts [K])``; sums are
     float64 for float64 logits and float32 otherwise. No gradient."""
-    temperature = check_positive_finite("temperature", temperature)
+    check_tensors(logits=logits, target=target)
     return torch.ops.mcmi.class_sums(
-        logits.detach(), target, int(num_classes), temperature, int(ignore_index), bool(log_probs)
+        logits.detach(),
+        target,
+        check_int("num_classes", num_classes),
+        check_temperature(temperature, logits),
+        check_int("ignore_index", ignore_index),
+        bool(log_probs),
     )

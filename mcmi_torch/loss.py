@@ -17,9 +17,14 @@ _ROW_SUM_TOLERANCE = 1e-3
 
 
 def check_centroids(centroids: Tensor) -> Tensor:
-    """Validates user-given centroids and returns them renormalized, detached."""
+    """Validates user-given centroids and returns them renormalized (in
+    float64, returned in float32 or float64 whichever is wider than the input
+    dtype), detached."""
     if not isinstance(centroids, Tensor) or not centroids.is_floating_point():
-        raise TypeError("centroids must be a floating-point tensor [num_classes, classes]")
+        got = centroids.dtype if isinstance(centroids, Tensor) else type(centroids).__name__
+        raise TypeError(
+            f"centroids must be a floating-point tensor [num_classes, classes], got {got}"
+        )
     if centroids.dim() != 2:
         raise ValueError(f"centroids must be 2-D [num_classes, classes], got {centroids.dim()}-D")
     q = centroids.detach()
@@ -34,7 +39,8 @@ def check_centroids(centroids: Tensor) -> Tensor:
             f"centroids rows must sum to 1 (worst row is off by {worst:.3g}); "
             "pass probability vectors, e.g. from mcmi_torch.estimate_centroids"
         )
-    return q / q.sum(dim=1, keepdim=True)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    return (q.double() / row_sums.unsqueeze(1)).to(dtype)
 
 
 class MCMILoss(nn.Module):
@@ -65,12 +71,15 @@ class MCMILoss(nn.Module):
               batch_c`` (the first batch that holds class ``c`` sets ``Q_c``).
               Updates happen only while grad is enabled, so calling the
               criterion under ``torch.no_grad()`` to validate leaves it as is.
-              With ``torch.distributed`` initialized, batch centroids are
-              computed over all ranks.
-        num_classes: number of classes ``K``; required for ``'ema'``.
+              A batch whose loss is not finite (NaN or infinite logits) gives
+              that loss, as ``nn.CrossEntropyLoss`` does, and leaves the
+              buffer unchanged. With ``torch.distributed`` initialized, batch
+              centroids are computed over all ranks.
+        num_classes: number of classes ``K`` (an int); required for ``'ema'``,
+            where it must equal the number of logits columns.
         temperature: softmax temperature of the CMI term.
         momentum: EMA weight of the newest batch (``'ema'`` only), in (0, 1].
-        ignore_index: label value of rows to skip.
+        ignore_index: label value of rows to skip (an int within int64).
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         weight: per-class weights ``[C]`` of the CE term, exactly as in
             ``F.cross_entropy`` (``'mean'`` divides the weighted sum by the sum
@@ -90,6 +99,16 @@ class MCMILoss(nn.Module):
             accuracy falls towards chance, as it does when ``lam`` is too large
             (docs/math.md, "Collapse"); one device sync every 20 such calls.
             Set it to ``None`` to turn it off.
+
+    Centroid state: ``load_state_dict`` validates loaded centroids as the
+    constructor does (fixed ones are renormalized); fixed centroids modified
+    in place are validated again before their next use. Module casts
+    (``.half()``, ``.bfloat16()``, ``.to(dtype)``) keep the buffer in float32
+    (``.double()`` makes it float64); device moves apply as usual.
+
+    Second derivatives: ``backward(create_graph=True)`` works with fixed and
+    in-batch centroids; with ``'ema'`` the buffer has been updated in place by
+    then, so it raises (differentiate ``cmi`` on a copy of the buffer instead).
     """
 
     def __init__(
@@ -105,20 +124,19 @@ class MCMILoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        lam = float(lam)
-        if not math.isfinite(lam):
-            raise ValueError(f"lam must be finite, got {lam}")
-        momentum = float(momentum)
+        momentum = _ops.check_real("momentum", momentum)
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         _ops.check_reduction(reduction)
+        if num_classes is not None:
+            num_classes = _ops.check_int("num_classes", num_classes, minimum=1)
         self.lam = lam
         self.temperature = _ops.check_positive_finite("temperature", temperature)
         self.momentum = momentum
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _ops.check_int("ignore_index", ignore_index)
         self.reduction = reduction
         self.guard = CollapseGuard()
-        label_smoothing = float(label_smoothing)
+        label_smoothing = _ops.check_real("label_smoothing", label_smoothing)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.label_smoothing = label_smoothing
@@ -145,15 +163,65 @@ class MCMILoss(nn.Module):
             self.mode = "batch"
             self.num_classes = num_classes
         elif centroids == "ema":
-            if num_classes is None or int(num_classes) < 1:
+            if num_classes is None:
                 raise ValueError("centroids='ema' needs num_classes >= 1")
             self.mode = "ema"
-            self.num_classes = int(num_classes)
+            self.num_classes = num_classes
             k = self.num_classes
             self.register_buffer("centroids", torch.full((k, k), 1.0 / k))
             self.register_buffer("seen", torch.zeros(k, dtype=torch.bool))
         else:
-            raise ValueError(f"centroids must be a tensor, 'batch' or 'ema', got {centroids!r}")
+            error = ValueError if isinstance(centroids, str) else TypeError
+            raise error(f"centroids must be a tensor, 'batch' or 'ema', got {centroids!r}")
+
+    @property
+    def lam(self) -> float:
+        """Weight of the CMI term; may be changed between steps (a schedule)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        value = _ops.check_real("lam", value)
+        if not math.isfinite(value):
+            raise ValueError(f"lam must be finite, got {value}")
+        self._lam = value
+
+    def _apply(self, fn, recurse=True):
+        """Module casts keep the centroid state in float32 or float64: a cast to
+        16 bits (``.half()``, ``.bfloat16()``, ``.to(torch.float16)``) leaves it
+        in float32, cast from the original values (small entries would
+        underflow in 16 bits); ``.double()`` and device moves apply as usual."""
+        centroids = self._buffers.get("centroids")
+
+        def keep_precision(t):
+            out = fn(t)
+            if t is centroids and out.dtype not in (torch.float32, torch.float64):
+                out = t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_precision, recurse)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Loaded centroids are validated as at construction (finite,
+        non-negative, rows summing to 1 within 1e-3; fixed ones renormalized)
+        and kept in the buffer's dtype."""
+        key = prefix + "centroids"
+        given = state_dict.get(key)
+        mine = self._buffers.get("centroids")
+        if isinstance(given, Tensor) and mine is not None and given.shape == mine.shape:
+            if not given.is_meta:
+                try:
+                    q = check_centroids(given)
+                except (TypeError, ValueError) as error:
+                    error_msgs.append(f"invalid {key!r}: {error}")
+                    return
+                given = q if self.mode == "fixed" else given.detach()
+            state_dict[key] = given.to(mine.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         if self.mode == "fixed":
@@ -179,7 +247,13 @@ class MCMILoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, shape = flatten_classes(logits, target)
         logits = _ops.autocast_float32(logits)
-        log_centroids = self.mode == "fixed" and not torch.compiler.is_compiling()
+        if self.mode != "batch":
+            self._check_state(logits)
+        log_centroids = (
+            self.mode == "fixed"
+            and not torch.compiler.is_compiling()
+            and not self.centroids.is_inference()
+        )
         if log_centroids:
             centroids = self._log_centroids(_ops.compute_dtype(logits))
         elif self.mode != "batch":
@@ -215,24 +289,59 @@ class MCMILoss(nn.Module):
                 label_smoothing=self.label_smoothing,
             )
         if self.mode == "ema" and torch.is_grad_enabled():
-            self._update(logits, target)
+            self._update(logits, target, value)
         guarded = self.guard is not None and self.lam > 0 and torch.is_grad_enabled()
         if guarded and not torch.compiler.is_compiling():
             self.guard.observe(logits, target, self.ignore_index, self.lam)
         return unflatten(value, shape)
 
+    def _check_state(self, logits: Tensor) -> None:
+        """Errors that name the criterion's own state rather than an op argument."""
+        _ops.check_tensors(logits=logits)
+        q = self.centroids
+        if q.device != logits.device:
+            raise RuntimeError(
+                f"MCMILoss: the centroids buffer is on {q.device} but logits are on "
+                f"{logits.device}; move the criterion with .to({str(logits.device)!r})"
+            )
+        if (
+            self.mode == "ema"
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and (q.is_inference() or self.seen.is_inference())
+        ):
+            raise RuntimeError(
+                "MCMILoss: the 'ema' buffers are inference tensors (the criterion was created "
+                "or loaded under torch.inference_mode()), which cannot be updated outside "
+                "inference mode; create or load the criterion outside torch.inference_mode()"
+            )
+        if self.mode == "ema" and logits.dim() >= 2 and logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"MCMILoss(centroids='ema', num_classes={self.num_classes}) got logits with "
+                f"{logits.shape[1]} classes: 'ema' centroids are [num_classes, num_classes], "
+                "so num_classes must be the number of logits columns"
+            )
+
     @torch.no_grad()
     def _log_centroids(self, dtype: torch.dtype) -> Tensor:
         """``log max(Q, CENTROID_FLOOR)`` of the fixed centroids in ``dtype``,
-        so that the kernel need not take a log per element. Recomputed when
-        the buffer is replaced (``.to()``, assignment) or modified in place
-        (``load_state_dict``, user code: its version counter records it)."""
+        so that the kernel need not take a log per element. Recomputed, after
+        validating the buffer again, whenever the buffer may have changed:
+        replaced (``.to()``, assignment, ``.data =``: its identity or data
+        pointer) or modified in place (``load_state_dict``, ``copy_``: its
+        version counter). In-place writes through ``.data`` are invisible to
+        the version counter (as they are to autograd) and are not supported."""
         q = self.centroids
+        key = (q.data_ptr(), q._version, dtype)
         cached = self._log_cache
-        if cached is None or cached[0] is not q or cached[1:3] != (q._version, dtype):
+        if cached is None or cached[0] is not q or cached[1] != key:
+            try:
+                check_centroids(q)
+            except ValueError as error:
+                raise ValueError(f"MCMILoss: the centroids buffer was changed: {error}") from None
             log_q = q.to(dtype).clamp_min(_ops.CENTROID_FLOOR).log()
-            self._log_cache = (q, q._version, dtype, log_q)
-        return self._log_cache[3]
+            self._log_cache = (q, key, log_q)
+        return self._log_cache[2]
 
     @torch.no_grad()
     def _batch_centroids(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -249,7 +358,18 @@ class MCMILoss(nn.Module):
         return sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype), counts
 
     @torch.no_grad()
-    def _update(self, logits: Tensor, target: Tensor) -> None:
+    def _update(self, logits: Tensor, target: Tensor, value: Tensor) -> None:
+        """EMA step from this batch, unless its loss is not finite (NaN or
+        infinite logits): such a batch leaves the buffer as it is, so one bad
+        batch cannot poison the centroids of every later one."""
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Reading a CPU scalar costs no device sync.
+            total = value if value.dim() == 0 else value.sum(dtype=torch.float64)
+            if not math.isfinite(total.item()):
+                return
+        else:
+            # No device sync: a non-finite batch updates no class.
+            target = torch.where(torch.isfinite(value).all(), target, self.ignore_index)
         if not is_distributed() and self.centroids.dtype == _ops.compute_dtype(logits):
             # One fused kernel, touching only the rows of the classes present.
             torch.ops.mcmi.ema_update_(
@@ -261,6 +381,10 @@ class MCMILoss(nn.Module):
                 self.momentum,
                 self.ignore_index,
             )
+            if not torch.compiler.is_compiling():
+                # The op writes through the data pointer: record the write, so
+                # that a graph holding the old centroids sees it.
+                torch.autograd.graph.increment_version(self.centroids)
             return
         batch, counts = self._batch_centroids(logits, target)
         present = counts > 0

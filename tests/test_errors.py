@@ -149,7 +149,7 @@ def test_module_arguments():
         mcmi_torch.MCMILoss(0.2, "ema", num_classes=3, momentum=0.0)
     with pytest.raises(ValueError, match="centroids must be a tensor, 'batch' or 'ema'"):
         mcmi_torch.MCMILoss(0.2, "fixed")
-    with pytest.raises(TypeError, match="logits and target must be tensors"):
+    with pytest.raises(TypeError, match="logits must be a Tensor, got list"):
         mcmi_torch.cmi([[0.0]], torch.zeros(1, dtype=torch.long))
 
 
