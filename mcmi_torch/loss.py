@@ -102,7 +102,6 @@ class MCMILoss(nn.Module):
                 )
             # float32: what the kernels read for float32/bf16/fp16 logits.
             self.register_buffer("centroids", q.float())
-            self._log_cache = None
             self.num_classes = q.shape[0]
         elif centroids == "batch":
             self.mode = "batch"
@@ -126,10 +125,7 @@ class MCMILoss(nn.Module):
         )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        log_centroids = self.mode == "fixed" and not torch.compiler.is_compiling()
-        if log_centroids:
-            centroids = self._log_centroids(_ops.compute_dtype(logits))
-        elif self.mode != "batch":
+        if self.mode != "batch":
             centroids = self.centroids
         elif is_distributed():
             # The centroids of the batch of all ranks, as constants: for 'mean'
@@ -148,24 +144,10 @@ class MCMILoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             num_classes=self.num_classes,
-            log_centroids=log_centroids,
         )
         if self.mode == "ema" and torch.is_grad_enabled():
             self._update(logits, target)
         return value
-
-    @torch.no_grad()
-    def _log_centroids(self, dtype: torch.dtype) -> Tensor:
-        """``log max(Q, CENTROID_FLOOR)`` of the fixed centroids in ``dtype``,
-        so that the kernel need not take a log per element. Recomputed when
-        the buffer is replaced (``.to()``, assignment) or modified in place
-        (``load_state_dict``, user code: its version counter records it)."""
-        q = self.centroids
-        cached = self._log_cache
-        if cached is None or cached[0] is not q or cached[1:3] != (q._version, dtype):
-            log_q = q.to(dtype).clamp_min(_ops.CENTROID_FLOOR).log()
-            self._log_cache = (q, q._version, dtype, log_q)
-        return self._log_cache[3]
 
     @torch.no_grad()
     def _batch_centroids(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
