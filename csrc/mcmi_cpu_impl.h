@@ -290,8 +290,11 @@ MCMI_CLONES static void FN(row_stats)(const LOGIT_T *z, int64_t cols, ACC_T k,
     const ACC_T mb = FN(row_max)(z + j0, n);
     const double sb = (double)FN(exp_block)(z + j0, n, mb, k, k2, NULL);
     const double next = (double)mb > big_m ? (double)mb : big_m;
-    sum = sum * exp(((big_m - next) * (double)k) * (double)k2) +
-          sb * exp((((double)mb - next) * (double)k) * (double)k2);
+    /* The first block has nothing to rescale ((-inf) * k is NaN for a
+     * huge T, whose k is 0). */
+    const double old =
+        sum == 0.0 ? 0.0 : sum * exp(((big_m - next) * (double)k) * (double)k2);
+    sum = old + sb * exp((((double)mb - next) * (double)k) * (double)k2);
     big_m = next;
   }
   *m_out = big_m;
