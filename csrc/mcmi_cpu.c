@@ -7,6 +7,7 @@
  */
 #include "mcmi.h"
 
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -37,23 +38,33 @@
 
 /* Per-block statistics of one row of the loss (mcmi_cpu_impl.h). */
 typedef struct {
-  double m, s, a, s1, r, r1;
+  double m, s, s1, r, r1;
 } mcmi_block_stat;
 
 /* Byte offsets of the workspace regions of mcmi_cpu_loss. */
 typedef struct {
   size_t row_val;    /* double[rows] */
   size_t row_qsum;   /* double[rows] */
-  size_t scratch;    /* per thread: block stats, then (with a gradient)
-                        ACC_T[3][cols] at offset `terms` */
+  size_t scratch;    /* per thread: block stats, then ACC_T[cols] (with a
+                        gradient ACC_T[3][cols]) at offset `terms`; at least
+                        double[cols] with in-batch centroids */
   size_t per_thread; /* bytes of one thread's scratch */
   size_t terms;
   size_t class_map;  /* int64[classes], in-batch centroids only */
   size_t slot;       /* int64[rows], in-batch centroids only */
-  size_t slot_count; /* int64[min(rows, classes)], in-batch only */
+  size_t order;      /* int64[rows], in-batch centroids only */
+  size_t slot_count; /* int64[min(rows, classes) + 1], in-batch only */
   size_t batch_q;    /* ACC_T[min(rows, classes)][cols], in-batch only */
+  /* double[cols] sums of the in-batch means: at `wide` + t * per_thread for
+   * thread t (loss), or one per slot at `wide` + slot * cols * 8 (EMA). */
+  size_t wide;
+  int wide_per_slot;
   size_t total;
 } loss_layout;
+
+/* Workspaces, buffers and every offset into them stay below this many
+ * bytes, so that byte counts and element indices never overflow. */
+#define MCMI_MAX_BYTES ((size_t)PTRDIFF_MAX - 64u)
 
 static size_t align64(size_t n) { return (n + 63u) & ~(size_t)63u; }
 
@@ -61,11 +72,69 @@ static size_t acc_size(mcmi_dtype dtype) {
   return dtype == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
+static size_t logit_size(mcmi_dtype dtype) {
+  return dtype == MCMI_FLOAT64   ? sizeof(double)
+         : dtype == MCMI_FLOAT32 ? sizeof(float)
+                                 : sizeof(uint16_t);
+}
+
+/* *out = align64(count * size), or 0 when that exceeds MCMI_MAX_BYTES. */
+static int bytes_of(size_t count, size_t size, size_t *out) {
+  size_t n;
+  if (__builtin_mul_overflow(count, size, &n) || n > MCMI_MAX_BYTES) {
+    return 0;
+  }
+  *out = align64(n);
+  return 1;
+}
+
+/* A bump allocator over byte offsets that records any overflow. */
+typedef struct {
+  size_t at;
+  int ok;
+} layout_cursor;
+
+static size_t take(layout_cursor *c, size_t count, size_t size) {
+  const size_t start = c->at;
+  size_t bytes;
+  if (!bytes_of(count, size, &bytes) ||
+      __builtin_add_overflow(c->at, bytes, &c->at) || c->at > MCMI_MAX_BYTES) {
+    c->ok = 0;
+    c->at = 0;
+    return 0;
+  }
+  return start;
+}
+
+/*
+ * Rows of `cols` elements of `size` bytes, `stride` elements apart, have
+ * every element index and byte offset representable: the last element sits
+ * at (rows - 1) * stride + cols - 1. Outputs (`output` non-zero) must also
+ * not overlap: stride >= cols whenever there are two rows or more.
+ */
+static int extent_ok(int64_t rows, int64_t stride, int64_t cols, size_t size,
+                     int output) {
+  if (rows <= 0 || cols <= 0) {
+    return rows >= 0 && cols >= 0;
+  }
+  if (stride < 0 || (output && rows > 1 && stride < cols)) {
+    return 0;
+  }
+  size_t n, bytes;
+  return !__builtin_mul_overflow((size_t)(rows - 1), (size_t)stride, &n) &&
+         !__builtin_add_overflow(n, (size_t)cols, &n) &&
+         !__builtin_mul_overflow(n, size, &bytes) && bytes <= MCMI_MAX_BYTES;
+}
+
 /* Fewer threads for small problems (one per 4096 elements): forking costs
  * more than it saves below that. */
 static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
   const int64_t per_thread = 4096;
-  int64_t useful = (rows * cols + per_thread - 1) / per_thread;
+  int64_t elements;
+  if (__builtin_mul_overflow(rows, cols, &elements)) {
+    elements = INT64_MAX - per_thread;
+  }
+  int64_t useful = (elements + per_thread - 1) / per_thread;
   if (useful < 1) {
     useful = 1;
   }
@@ -75,35 +144,51 @@ static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
   return useful < num_threads ? (int)useful : num_threads;
 }
 
-static loss_layout make_loss_layout(const mcmi_problem *p, int nt,
-                                    int with_grad) {
+/*
+ * The layout of mcmi_cpu_loss's workspace (wide_per_slot == 0), or of
+ * mcmi_cpu_ema_update's (an in-batch problem, wide_per_slot != 0); 0 when a
+ * size overflows.
+ */
+static int make_loss_layout(const mcmi_problem *p, int nt, int with_grad,
+                            int wide_per_slot, loss_layout *l) {
   const size_t rows = (size_t)p->rows, cols = (size_t)p->cols;
   const size_t acc = acc_size(p->dtype);
   const size_t nslots = (size_t)(p->rows < p->classes ? p->rows : p->classes);
-  loss_layout l;
-  size_t at = 0;
-  l.row_val = at;
-  at = align64(at + rows * sizeof(double));
-  l.row_qsum = at;
-  at = align64(at + rows * sizeof(double));
-  l.scratch = at;
-  l.terms =
-      align64(((cols + MCMI_BLOCK - 1) / MCMI_BLOCK) * sizeof(mcmi_block_stat));
-  l.per_thread = l.terms + (with_grad ? align64(3u * cols * acc) : 0u);
-  at = align64(at + (size_t)nt * l.per_thread);
-  l.class_map = l.slot = l.slot_count = l.batch_q = at;
-  if (p->centroids == NULL) {
-    l.class_map = at;
-    at = align64(at + (size_t)p->classes * sizeof(int64_t));
-    l.slot = at;
-    at = align64(at + rows * sizeof(int64_t));
-    l.slot_count = at;
-    at = align64(at + nslots * sizeof(int64_t));
-    l.batch_q = at;
-    at = align64(at + nslots * cols * acc);
+  const size_t nblocks = cols / MCMI_BLOCK + 1;
+  const int batch = p->centroids == NULL;
+  size_t per_col = (with_grad ? 3u : 1u) * acc;
+  if (batch && !wide_per_slot && per_col < sizeof(double)) {
+    per_col = sizeof(double);
   }
-  l.total = at;
-  return l;
+  layout_cursor c = {0, 1};
+  size_t terms_bytes = 0;
+  l->row_val = take(&c, rows, sizeof(double));
+  l->row_qsum = take(&c, rows, sizeof(double));
+  if (!bytes_of(nblocks, sizeof(mcmi_block_stat), &l->terms) ||
+      !bytes_of(cols, per_col, &terms_bytes) ||
+      __builtin_add_overflow(l->terms, terms_bytes, &l->per_thread)) {
+    return 0;
+  }
+  l->scratch = take(&c, (size_t)nt, l->per_thread);
+  l->class_map = l->slot = l->order = l->slot_count = l->batch_q = c.at;
+  l->wide = l->scratch + l->terms;
+  l->wide_per_slot = wide_per_slot;
+  if (batch) {
+    size_t means;
+    if (__builtin_mul_overflow(nslots, cols, &means)) {
+      return 0;
+    }
+    l->class_map = take(&c, (size_t)p->classes, sizeof(int64_t));
+    l->slot = take(&c, rows, sizeof(int64_t));
+    l->order = take(&c, rows, sizeof(int64_t));
+    l->slot_count = take(&c, nslots + 1u, sizeof(int64_t));
+    l->batch_q = take(&c, means, acc);
+    if (wide_per_slot) {
+      l->wide = take(&c, means, sizeof(double));
+    }
+  }
+  l->total = c.at;
+  return c.ok;
 }
 
 /*
@@ -140,6 +225,9 @@ static int64_t assign_slots(const mcmi_problem *p, int64_t *map, int64_t *slot,
 #define STORE(x) (x)
 #define EXP mcmi_expf
 #define LOG mcmi_logf
+#define KL_G mcmi_kl_g_f32
+#define ACC_MAX FLT_MAX
+#define ACC_TINY FLT_MIN
 #include "mcmi_cpu_impl.h"
 #undef SFX
 #undef LOGIT_T
@@ -168,6 +256,9 @@ static int64_t assign_slots(const mcmi_problem *p, int64_t *map, int64_t *slot,
 #undef STORE
 #undef EXP
 #undef LOG
+#undef KL_G
+#undef ACC_MAX
+#undef ACC_TINY
 
 #define SFX f64
 #define LOGIT_T double
@@ -176,6 +267,9 @@ static int64_t assign_slots(const mcmi_problem *p, int64_t *map, int64_t *slot,
 #define STORE(x) (x)
 #define EXP exp
 #define LOG log
+#define KL_G mcmi_kl_g_f64
+#define ACC_MAX DBL_MAX
+#define ACC_TINY DBL_MIN
 #include "mcmi_cpu_impl.h"
 #undef SFX
 #undef LOGIT_T
@@ -184,12 +278,16 @@ static int64_t assign_slots(const mcmi_problem *p, int64_t *map, int64_t *slot,
 #undef STORE
 #undef EXP
 #undef LOG
+#undef KL_G
+#undef ACC_MAX
+#undef ACC_TINY
 
 mcmi_status mcmi_check_targets(const int64_t *target, int64_t stride,
                                int64_t rows, int64_t classes,
                                int64_t ignore_index, int64_t *valid,
                                int64_t *bad_index) {
-  if (rows < 0 || classes < 1 || (rows > 0 && target == NULL)) {
+  if (rows < 0 || classes < 1 || (rows > 0 && target == NULL) ||
+      !extent_ok(rows, stride, 1, sizeof(int64_t), 0)) {
     return MCMI_ERROR_ARGUMENT;
   }
   int64_t n = 0;
@@ -225,16 +323,24 @@ static int problem_ok(const mcmi_problem *p) {
   if (p->ce_weight != 0.0 && p->classes > p->cols) {
     return 0;
   }
+  if (!extent_ok(p->rows, p->logits_stride, p->cols, logit_size(p->dtype), 0) ||
+      !extent_ok(p->rows, p->target_stride, 1, sizeof(int64_t), 0) ||
+      (p->centroids != NULL && !extent_ok(p->classes, p->centroids_stride,
+                                          p->cols, acc_size(p->dtype), 0))) {
+    return 0;
+  }
   return p->rows == 0 || (p->logits != NULL && p->target != NULL);
 }
 
 size_t mcmi_cpu_loss_workspace(const mcmi_problem *p, int num_threads,
                                int with_grad) {
-  if (!problem_ok(p)) {
+  loss_layout lay;
+  if (!problem_ok(p) ||
+      !make_loss_layout(p, effective_threads(num_threads, p->rows, p->cols),
+                        with_grad, 0, &lay)) {
     return 0;
   }
-  const int nt = effective_threads(num_threads, p->rows, p->cols);
-  return make_loss_layout(p, nt, with_grad).total;
+  return lay.total;
 }
 
 mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
@@ -245,8 +351,12 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
       p->reduction > MCMI_REDUCTION_SUM) {
     return MCMI_ERROR_ARGUMENT;
   }
+  const size_t elem = logit_size(p->dtype);
+  const int per_row = p->reduction == MCMI_REDUCTION_NONE;
   /* Per-row losses of an empty batch are an empty (possibly NULL) array. */
-  if (loss == NULL && !(p->reduction == MCMI_REDUCTION_NONE && p->rows == 0)) {
+  if ((loss == NULL && !(per_row && p->rows == 0)) ||
+      !extent_ok(per_row ? p->rows : 1, loss_stride, 1, elem, 1) ||
+      (grad != NULL && !extent_ok(p->rows, grad_stride, p->cols, elem, 1))) {
     return MCMI_ERROR_ARGUMENT;
   }
   int64_t valid = 0, bad = -1;
@@ -260,8 +370,9 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
     return st;
   }
   const int nt = effective_threads(num_threads, p->rows, p->cols);
-  const loss_layout lay = make_loss_layout(p, nt, grad != NULL);
-  if (lay.total > 0 && workspace == NULL) {
+  loss_layout lay;
+  if (!make_loss_layout(p, nt, grad != NULL, 0, &lay) ||
+      (lay.total > 0 && workspace == NULL)) {
     return MCMI_ERROR_ARGUMENT;
   }
   char *ws = (char *)workspace;
@@ -289,20 +400,37 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
   return st;
 }
 
-size_t mcmi_cpu_class_sums_workspace(const mcmi_problem *p) {
-  if (!problem_ok(p)) {
+/* The class-sums workspace: slot int64[rows], then row_m and row_ls
+ * double[rows] each; 0 when a size overflows. */
+static int class_sums_layout(const mcmi_problem *p, size_t *slot_bytes,
+                             size_t *stat_bytes, size_t *total) {
+  if (!bytes_of((size_t)p->rows, sizeof(int64_t), slot_bytes) ||
+      !bytes_of((size_t)p->rows, sizeof(double), stat_bytes) ||
+      *slot_bytes > MCMI_MAX_BYTES / 3 || *stat_bytes > MCMI_MAX_BYTES / 3) {
     return 0;
   }
-  return align64((size_t)p->rows * sizeof(int64_t)) +
-         2u * align64((size_t)p->rows * sizeof(double));
+  *total = *slot_bytes + 2u * *stat_bytes;
+  return 1;
+}
+
+size_t mcmi_cpu_class_sums_workspace(const mcmi_problem *p) {
+  size_t slot_bytes, stat_bytes, total;
+  if (!problem_ok(p) ||
+      !class_sums_layout(p, &slot_bytes, &stat_bytes, &total)) {
+    return 0;
+  }
+  return total;
 }
 
 mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
                                 void *sums, int64_t sums_stride,
                                 int64_t *counts, void *workspace,
                                 int num_threads, int64_t *bad_index) {
+  size_t slot_bytes, stat_bytes, total;
   if (!problem_ok(p) || sums == NULL || counts == NULL ||
-      (p->rows > 0 && workspace == NULL)) {
+      (p->rows > 0 && workspace == NULL) ||
+      !extent_ok(p->classes, sums_stride, p->cols, acc_size(p->dtype), 1) ||
+      !class_sums_layout(p, &slot_bytes, &stat_bytes, &total)) {
     return MCMI_ERROR_ARGUMENT;
   }
   mcmi_status st =
@@ -313,8 +441,6 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
   }
   char *ws = (char *)workspace;
   int64_t *slot = (int64_t *)ws;
-  const size_t slot_bytes = align64((size_t)p->rows * sizeof(int64_t));
-  const size_t stat_bytes = align64((size_t)p->rows * sizeof(double));
   double *row_m = (double *)(ws + slot_bytes);
   double *row_ls = (double *)(ws + slot_bytes + stat_bytes);
   for (int64_t c = 0; c < p->classes; ++c) {
@@ -360,11 +486,12 @@ static mcmi_problem batch_problem(const mcmi_problem *p) {
 }
 
 size_t mcmi_cpu_ema_workspace(const mcmi_problem *p) {
+  loss_layout lay;
   if (!problem_ok(p)) {
     return 0;
   }
   const mcmi_problem b = batch_problem(p);
-  return make_loss_layout(&b, 1, 0).total;
+  return make_loss_layout(&b, 1, 0, 1, &lay) ? lay.total : 0;
 }
 
 mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
@@ -372,7 +499,9 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
                                 uint8_t *seen, void *workspace, int num_threads,
                                 int64_t *bad_index) {
   if (!problem_ok(p) || centroids == NULL || seen == NULL ||
-      workspace == NULL || !(momentum > 0.0 && momentum <= 1.0)) {
+      workspace == NULL || !(momentum > 0.0 && momentum <= 1.0) ||
+      !extent_ok(p->classes, centroids_stride, p->cols, acc_size(p->dtype),
+                 1)) {
     return MCMI_ERROR_ARGUMENT;
   }
   const mcmi_status st =
@@ -382,7 +511,10 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
     return st;
   }
   const mcmi_problem b = batch_problem(p);
-  const loss_layout lay = make_loss_layout(&b, 1, 0);
+  loss_layout lay;
+  if (!make_loss_layout(&b, 1, 0, 1, &lay)) {
+    return MCMI_ERROR_ARGUMENT;
+  }
   const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
   const int nt = effective_threads(num_threads, extent, p->cols);
   char *ws = (char *)workspace;
@@ -410,7 +542,10 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
 mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
                                 int64_t cols, int64_t stride, const void *scale,
                                 int64_t scale_stride, int num_threads) {
-  if (rows < 0 || cols < 0 || (rows > 0 && cols > 0 && (!x || !scale))) {
+  if (dtype < MCMI_FLOAT32 || dtype > MCMI_FLOAT16 ||
+      !extent_ok(rows, stride, cols, logit_size(dtype), 1) ||
+      !extent_ok(rows, scale_stride, 1, logit_size(dtype), 0) ||
+      (rows > 0 && cols > 0 && (!x || !scale))) {
     return MCMI_ERROR_ARGUMENT;
   }
   const int nt = effective_threads(num_threads, rows, cols);

@@ -8,6 +8,8 @@
  *   LOAD(x)    LOGIT_T -> ACC_T
  *   STORE(x)   ACC_T -> LOGIT_T
  *   EXP, LOG   exp and log in ACC_T
+ *   KL_G       the series of g (mcmi_math.h) in ACC_T
+ *   ACC_MAX    largest finite ACC_T; ACC_TINY its smallest normal number
  * Row sums are formed in ACC_T block by block and added up in double (see
  * below). Functions that
  * touch a whole row carry MCMI_CLONES: one copy per x86-64 level, chosen
@@ -30,80 +32,155 @@ MCMI_INLINE ACC_T FN(row_max)(const LOGIT_T *z, int64_t cols) {
 }
 
 /*
+ * 1/T as the product k * *k2 of two finite ACC_T factors, applied as
+ * ((z - m) * k) * k2: *k2 is 1 (exact), or 2^64 when 1/T is beyond
+ * ACC_T's range (a tiny T). Then z == m still gives 0 and every z < m gives
+ * a product far below the range of exp, as 1/T itself would; k is clamped
+ * to the largest finite ACC_T only where that holds for the smallest
+ * nonzero difference too.
+ */
+static ACC_T FN(inv_temperature)(double t, ACC_T *k2) {
+  const double big = 0x1.0p64, inv = 1.0 / t;
+  if (inv <= ACC_MAX) {
+    *k2 = (ACC_T)1;
+    return (ACC_T)inv;
+  }
+  const double k = 1.0 / (t * big);
+  *k2 = (ACC_T)big;
+  return (ACC_T)(k < ACC_MAX ? k : ACC_MAX);
+}
+
+/*
  * Sums over one block of at most MCMI_BLOCK elements are formed in ACC_T
  * (SIMD lanes, fixed order) and added to double totals block by block: the
  * rounding error of a block sum is that of a few dozen additions, while the
  * loop stays in single precision. Blocks start at fixed offsets from the row
  * start, so a result never depends on anything but the row.
  */
-/* sum_j exp((z_j - m) * k) over a block; stores the terms when e != NULL. */
+/* sum_j exp((z_j - m) * k * k2) over a block; stores the terms when
+ * e != NULL. */
 MCMI_INLINE ACC_T FN(exp_block)(const LOGIT_T *z, int64_t n, ACC_T m, ACC_T k,
-                                ACC_T *e) {
+                                ACC_T k2, ACC_T *e) {
   ACC_T s = 0;
   if (e) {
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < n; ++j) {
-      e[j] = EXP((LOAD(z[j]) - m) * k);
+      e[j] = EXP(((LOAD(z[j]) - m) * k) * k2);
       s += e[j];
     }
   } else {
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < n; ++j) {
-      s += EXP((LOAD(z[j]) - m) * k);
+      s += EXP(((LOAD(z[j]) - m) * k) * k2);
     }
   }
   return s;
 }
 
 /*
- * The fused block of a loss row: with u_j = (z_j - m) / T,
- * w_j = u_j - log max(q_j, floor) (or u_j - q_j when q holds logs) and
- * e_j = exp(u_j), adds sum e_j, sum e_j w_j and sum q_j to sums[0..2];
- * stores e and w when e != NULL. The four loops differ only in what they
- * store and in whether they take the log.
+ * The first pass over a block of a loss row: stores e_j = exp(u_j),
+ * u_j = (z_j - m) / T, and returns sum_j e_j. *bad is 0, or NaN when the
+ * block holds a NaN or infinite logit (z * 0 is NaN exactly then): the KL of
+ * such a row is NaN whatever the softmax makes of it.
  */
-#define MCMI_KL_LOOP(LOGQ, KEEP)                                               \
-  _Pragma("omp simd reduction(+ : s, a, qs)") for (int64_t j = 0; j < n;       \
-                                                   ++j) {                      \
-    const ACC_T u = (LOAD(z[j]) - m) * inv_t;                                  \
-    const ACC_T qv = q[j];                                                     \
-    const ACC_T ej = EXP(u);                                                   \
-    const ACC_T wj = u - (LOGQ);                                               \
+MCMI_INLINE ACC_T FN(softmax_block)(const LOGIT_T *z, int64_t n, ACC_T m,
+                                    ACC_T k, ACC_T k2, ACC_T *e, ACC_T *bad) {
+  ACC_T s = 0, nz = 0;
+#pragma omp simd reduction(+ : s, nz)
+  for (int64_t j = 0; j < n; ++j) {
+    const ACC_T v = LOAD(z[j]);
+    e[j] = EXP(((v - m) * k) * k2);
+    s += e[j];
+    nz += v * (ACC_T)0;
+  }
+  *bad = nz;
+  return s;
+}
+
+/* max(q, floor), with NaN kept (a NaN entry is not below the floor). */
+#define MCMI_FLOORED(qv, qfloor) ((qv) < (qfloor) ? (qfloor) : (qv))
+/* The centroid entry Q'_j = max(Q_j, floor) that the KL uses; from log Q'
+ * when the centroids are logs. */
+#define MCMI_QJ(q_is_log)                                                      \
+  ((q_is_log) ? MCMI_FLOORED(EXP(q[j]), qfloor) : MCMI_FLOORED(q[j], qfloor))
+
+/* sum_j Q'_j of a block, in double: the KL subtracts sum Q' - 1, which must
+ * be exact to far below the KL itself. */
+MCMI_INLINE double FN(qsum_block)(const ACC_T *q, int64_t n, ACC_T qfloor,
+                                  int q_is_log) {
+  double qs = 0.0;
+  if (q_is_log) {
+#pragma omp simd reduction(+ : qs)
+    for (int64_t j = 0; j < n; ++j) {
+      qs += (double)MCMI_QJ(1);
+    }
+  } else {
+#pragma omp simd reduction(+ : qs)
+    for (int64_t j = 0; j < n; ++j) {
+      qs += (double)MCMI_QJ(0);
+    }
+  }
+  return qs;
+}
+
+/*
+ * Q'_j g(x_j), x_j = log(P_j / Q'_j) (*x receives x_j): the series of g
+ * for |x| < 1/2, else the direct form (x - 1) P + Q' (no overflow for Q' at
+ * the floor, cancellation at most 11-fold). P below the smallest normal
+ * ratio gives a term within P |x| of Q', and x stays finite.
+ */
+MCMI_INLINE ACC_T FN(kl_term)(ACC_T pj, ACC_T qj, ACC_T *x) {
+  const ACC_T ratio = pj / qj;
+  const ACC_T xj = LOG(ratio < ACC_TINY ? ACC_TINY : ratio);
+  *x = xj;
+  const ACC_T small = qj * KL_G(xj);
+  const ACC_T direct = (xj - (ACC_T)1) * pj + qj;
+  return xj < (ACC_T)0.5 && xj > (ACC_T)-0.5 ? small : direct;
+}
+
+/*
+ * The second pass over a block: with P_j = e_j kb, returns
+ * sum_j Q'_j g(x_j) (formed in ACC_T); stores x_j when x != NULL.
+ */
+#define MCMI_KL_LOOP(IS_LOG, KEEP)                                             \
+  _Pragma("omp simd reduction(+ : acc)") for (int64_t j = 0; j < n; ++j) {     \
+    ACC_T xj;                                                                  \
+    acc += FN(kl_term)(e[j] * kb, MCMI_QJ(IS_LOG), &xj);                       \
     KEEP;                                                                      \
-    s += ej;                                                                   \
-    a += ej * wj;                                                              \
-    qs += qv;                                                                  \
   }
 
-MCMI_INLINE void FN(kl_block)(const LOGIT_T *z, const ACC_T *q, int64_t n,
-                              ACC_T m, ACC_T inv_t, ACC_T qfloor, int q_is_log,
-                              ACC_T *e, ACC_T *w, double sums[3]) {
-  ACC_T s = 0, a = 0, qs = 0;
-  if (q_is_log && e) {
-    MCMI_KL_LOOP(qv, (e[j] = ej, w[j] = wj))
+MCMI_INLINE double FN(kl_block)(const ACC_T *q, int64_t n, const ACC_T *e,
+                                ACC_T kb, ACC_T qfloor, int q_is_log,
+                                ACC_T *x) {
+  ACC_T acc = 0;
+  if (q_is_log && x) {
+    MCMI_KL_LOOP(1, x[j] = xj)
   } else if (q_is_log) {
-    MCMI_KL_LOOP(qv, (void)0)
-  } else if (e) {
-    MCMI_KL_LOOP(LOG(qv > qfloor ? qv : qfloor), (e[j] = ej, w[j] = wj))
+    MCMI_KL_LOOP(1, (void)xj)
+  } else if (x) {
+    MCMI_KL_LOOP(0, x[j] = xj)
   } else {
-    MCMI_KL_LOOP(LOG(qv > qfloor ? qv : qfloor), (void)0)
+    MCMI_KL_LOOP(0, (void)xj)
   }
-  sums[0] += (double)s;
-  sums[1] += (double)a;
-  sums[2] += (double)qs;
+  return (double)acc;
 }
 #undef MCMI_KL_LOOP
+#undef MCMI_QJ
+#undef MCMI_FLOORED
 
 /*
  * One valid row of the loss: returns ce_weight * CE + cmi_weight * KL and,
  * when g != NULL, writes the row's gradient scaled by the given
- * coefficients. *qsum receives sum_j q_j.
+ * coefficients. *qsum receives sum_j max(q_j, floor).
  *
- * One pass over z and q, block by block (online softmax): each block is
+ * The first pass goes block by block (online softmax): each block is
  * reduced relative to its own maximum m_b while it sits in L1, and the
  * blocks are combined with the factors r_b = exp((m_b - M) / T), M the row
- * maximum. `stats` holds one mcmi_block_stat per block; `scratch`, when
- * g != NULL, 3 * cols ACC_T for the terms the gradient pass reuses.
+ * maximum. The second pass forms the KL as sum_j Q'_j g(x_j) - (sum Q' - 1)
+ * from the stored exponentials (docs/math.md: no difference of nearly equal
+ * terms), the third (with a gradient) writes P_j (x_j - KL) / (n T) and the
+ * CE part. `stats` holds one mcmi_block_stat per block; `scratch` cols
+ * ACC_T, or 3 * cols with g != NULL.
  */
 MCMI_CLONES static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
                                        const ACC_T *q, int64_t y, LOGIT_T *g,
@@ -112,16 +189,17 @@ MCMI_CLONES static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
                                        double *qsum) {
   const int64_t cols = p->cols;
   const int64_t nb = (cols + MCMI_BLOCK - 1) / MCMI_BLOCK;
-  const ACC_T inv_t = (ACC_T)(1.0 / p->temperature);
+  ACC_T k2;
+  const ACC_T k = FN(inv_temperature)(p->temperature, &k2);
   const ACC_T qfloor = (ACC_T)p->floor;
   const int want_ce = p->ce_weight != 0.0;
   /* CE is at temperature 1: at T == 1 it shares the CMI softmax. */
   const int separate_ce = want_ce && p->temperature != 1.0;
   ACC_T *e_buf = scratch;
-  ACC_T *w_buf = scratch ? scratch + cols : NULL;
-  ACC_T *e1_buf = scratch ? scratch + 2 * cols : NULL;
+  ACC_T *x_buf = g ? scratch + cols : NULL;
+  ACC_T *e1_buf = g ? scratch + 2 * cols : NULL;
 
-  double big_m = -INFINITY, qs = 0.0;
+  double big_m = -INFINITY, qs = 0.0, bad = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * MCMI_BLOCK;
     const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
@@ -137,96 +215,109 @@ MCMI_CLONES static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
       __builtin_prefetch(q + j);
     }
     const ACC_T mb = FN(row_max)(z + j0, n);
-    double sums[3] = {0.0, 0.0, 0.0};
-    FN(kl_block)(z + j0, q + j0, n, mb, inv_t, qfloor, p->log_centroids,
-                 g ? e_buf + j0 : NULL, g ? w_buf + j0 : NULL, sums);
+    ACC_T block_bad;
     stats[b].m = (double)mb;
-    stats[b].s = sums[0];
-    stats[b].a = sums[1];
-    stats[b].s1 = separate_ce ? (double)FN(exp_block)(z + j0, n, mb, (ACC_T)1,
-                                                      g ? e1_buf + j0 : NULL)
-                              : sums[0];
-    qs += sums[2];
+    stats[b].s =
+        (double)FN(softmax_block)(z + j0, n, mb, k, k2, e_buf + j0, &block_bad);
+    stats[b].s1 = separate_ce
+                      ? (double)FN(exp_block)(z + j0, n, mb, (ACC_T)1, (ACC_T)1,
+                                              g ? e1_buf + j0 : NULL)
+                      : stats[b].s;
+    bad += (double)block_bad;
+    qs += FN(qsum_block)(q + j0, n, qfloor, p->log_centroids);
     big_m = (double)mb > big_m ? (double)mb : big_m;
   }
-  /* sum_j e^{(z_j - M)/T} (u_j - log q_j) of a block is r_b (a_b + s_b d_b)
-   * with d_b = (m_b - M) / T. */
-  double s = 0.0, a = 0.0, s1 = 0.0;
+  double s = 0.0, s1 = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
     /* The block holding the maximum (the only one of short rows) has
      * r = 1 exactly: no call to exp. */
     const int at_max = stats[b].m == big_m;
-    const double d = (stats[b].m - big_m) * (double)inv_t;
-    stats[b].r = at_max ? 1.0 : exp(d);
+    stats[b].r =
+        at_max ? 1.0 : exp(((stats[b].m - big_m) * (double)k) * (double)k2);
     stats[b].r1 = !separate_ce ? stats[b].r
                   : at_max     ? 1.0
                                : exp(stats[b].m - big_m);
     s += stats[b].r * stats[b].s;
-    a += stats[b].r * (stats[b].a + stats[b].s * d);
     s1 += stats[b].r1 * stats[b].s1;
   }
+  /* In-batch centroids sum to 1 in exact arithmetic: their KL is taken
+   * against Q' / sum Q' (adding log sum Q'), which removes the rounding of
+   * their sum. Given centroids are used as they are. */
+  double kl = bad - (qs - 1.0) + (p->centroids == NULL ? log1p(qs - 1.0) : 0.0);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t j0 = b * MCMI_BLOCK;
+    const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
+    kl += FN(kl_block)(q + j0, n, e_buf + j0, (ACC_T)(stats[b].r / s), qfloor,
+                       p->log_centroids, g ? x_buf + j0 : NULL);
+  }
   *qsum = qs;
-  const double ls = log(s);
-  const double kl = a / s - ls;
   const double ce = want_ce ? big_m + log(s1) - (double)LOAD(z[y]) : 0.0;
 
   if (g) {
     const ACC_T *p1_buf = separate_ce ? e1_buf : e_buf;
+    const ACC_T klv = (ACC_T)kl;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t j0 = b * MCMI_BLOCK;
       const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
-      /* P_j = e_j r_b / s; log P_j - log q_j - KL = w_j - shift_b. */
-      const ACC_T kp = (ACC_T)(cmi_coef * stats[b].r / s);
+      /* P_j = e_j r_b / s. With s == 1 the softmax is one-hot to working
+       * precision: the true KL gradient of the row is below the rounding
+       * error of x - KL at the maximum, which a tiny T would magnify. */
+      const ACC_T kp = s == 1.0 ? (ACC_T)0 : (ACC_T)(cmi_coef * stats[b].r / s);
       const ACC_T k1 = (ACC_T)(ce_coef * stats[b].r1 / s1);
-      const ACC_T shift =
-          (ACC_T)(ls + kl - (stats[b].m - big_m) * (double)inv_t);
-      const ACC_T *e = e_buf + j0, *w = w_buf + j0, *p1 = p1_buf + j0;
+      const ACC_T *e = e_buf + j0, *x = x_buf + j0, *p1 = p1_buf + j0;
       LOGIT_T *gb = g + j0;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        gb[j] = STORE(kp * e[j] * (w[j] - shift) + k1 * p1[j]);
+        gb[j] = STORE(kp * e[j] * (x[j] - klv) + k1 * p1[j]);
       }
       if (want_ce && y >= j0 && y < j0 + n) {
-        const int64_t k = y - j0;
-        gb[k] = STORE(kp * e[k] * (w[k] - shift) + k1 * p1[k] - (ACC_T)ce_coef);
+        const int64_t i = y - j0;
+        gb[i] = STORE(kp * e[i] * (x[i] - klv) + k1 * p1[i] - (ACC_T)ce_coef);
       }
     }
   }
   return p->ce_weight * ce + p->cmi_weight * kl;
 }
 
-/* Row maximum and log-normalizer of row z at temperature T (class sums). */
-MCMI_CLONES static void FN(row_stats)(const LOGIT_T *z, int64_t cols,
-                                      ACC_T inv_t, double *m_out,
-                                      double *ls_out) {
+/* Row maximum and log-normalizer of row z at temperature T (class sums);
+ * 1/T = k * k2 (inv_temperature). */
+MCMI_CLONES static void FN(row_stats)(const LOGIT_T *z, int64_t cols, ACC_T k,
+                                      ACC_T k2, double *m_out, double *ls_out) {
   /* One pass, block by block, with the online-softmax rescaling. */
   double big_m = -INFINITY, sum = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += MCMI_BLOCK) {
     const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
     const ACC_T mb = FN(row_max)(z + j0, n);
-    const double sb = (double)FN(exp_block)(z + j0, n, mb, inv_t, NULL);
+    const double sb = (double)FN(exp_block)(z + j0, n, mb, k, k2, NULL);
     const double next = (double)mb > big_m ? (double)mb : big_m;
-    sum = sum * exp((big_m - next) * (double)inv_t) +
-          sb * exp(((double)mb - next) * (double)inv_t);
+    /* The first block has nothing to rescale ((-inf) * k is NaN for a
+     * huge T, whose k is 0). */
+    const double old =
+        sum == 0.0 ? 0.0 : sum * exp(((big_m - next) * (double)k) * (double)k2);
+    sum = old + sb * exp((((double)mb - next) * (double)k) * (double)k2);
     big_m = next;
   }
   *m_out = big_m;
   *ls_out = log(sum);
 }
 
-/* o += softmax(z / T) (or log_softmax), given the row's stats. */
+/* o += softmax(z / T) (or log_softmax), given the row's stats. The softmax
+ * is exp(u_j) / sum, not exp(u_j - log sum): the rounding of an exponent
+ * grows with its size, and log sum is large for wide rows. */
 MCMI_CLONES static void FN(accumulate_row)(ACC_T *o, const LOGIT_T *z,
-                                           int64_t cols, ACC_T inv_t, ACC_T m,
-                                           ACC_T ls, int log_probs) {
+                                           int64_t cols, ACC_T k, ACC_T k2,
+                                           ACC_T m, double ls, int log_probs) {
   if (log_probs) {
+    const ACC_T lsv = (ACC_T)ls;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
-      o[j] += (LOAD(z[j]) - m) * inv_t - ls;
+      o[j] += ((LOAD(z[j]) - m) * k) * k2 - lsv;
     }
   } else {
+    const ACC_T inv_s = (ACC_T)exp(-ls);
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
-      o[j] += EXP((LOAD(z[j]) - m) * inv_t - ls);
+      o[j] += EXP(((LOAD(z[j]) - m) * k) * k2) * inv_s;
     }
   }
 }
@@ -244,14 +335,15 @@ static void FN(class_accumulate)(const mcmi_problem *p, const int64_t *slot,
                                  int nt) {
   const int64_t rows = p->rows, cols = p->cols;
   const LOGIT_T *logits = (const LOGIT_T *)p->logits;
-  const ACC_T inv_t = (ACC_T)(1.0 / p->temperature);
+  ACC_T k2;
+  const ACC_T k = FN(inv_temperature)(p->temperature, &k2);
 
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
       if (slot[i] >= 0) {
-        FN(row_stats)(logits + i * p->logits_stride, cols, inv_t, &row_m[i],
+        FN(row_stats)(logits + i * p->logits_stride, cols, k, k2, &row_m[i],
                       &row_ls[i]);
       }
     }
@@ -266,35 +358,91 @@ static void FN(class_accumulate)(const mcmi_problem *p, const int64_t *slot,
       const int64_t c = slot[i];
       if (c >= lo && c < hi) {
         FN(accumulate_row)(out + c * out_stride, logits + i * p->logits_stride,
-                           cols, inv_t, (ACC_T)row_m[i], (ACC_T)row_ls[i],
-                           log_probs);
+                           cols, k, k2, (ACC_T)row_m[i], row_ls[i], log_probs);
       }
     }
+  }
+}
+
+/* o += softmax(z / T) in double, given the row's stats (in-batch means). */
+MCMI_CLONES static void FN(accumulate_wide)(double *o, const LOGIT_T *z,
+                                            int64_t cols, ACC_T k, ACC_T k2,
+                                            ACC_T m, double ls) {
+  const double inv_s = exp(-ls);
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    o[j] += (double)EXP(((LOAD(z[j]) - m) * k) * k2) * inv_s;
   }
 }
 
 /*
  * In-batch centroids on a batch-mode loss layout: gives each class present
  * a slot (class_map, slot, slot_count) and writes the mean softmax of its
- * rows to batch_q[slot].
+ * rows to batch_q[slot]. Each mean is summed in double, in row order, by
+ * one thread (over the rows of its class, listed in `order`): the KL
+ * against a mean of similar rows needs it exact to well below float32's
+ * rounding of a many-term sum.
  */
 static void FN(batch_means)(const mcmi_problem *p, const loss_layout *lay,
                             char *ws, int nt) {
-  const int64_t cols = p->cols;
-  const int64_t *count = (const int64_t *)(ws + lay->slot_count);
+  const int64_t rows = p->rows, cols = p->cols;
+  const LOGIT_T *logits = (const LOGIT_T *)p->logits;
+  int64_t *start = (int64_t *)(ws + lay->slot_count);
   int64_t *slots = (int64_t *)(ws + lay->slot);
+  int64_t *order = (int64_t *)(ws + lay->order);
+  double *row_m = (double *)(ws + lay->row_val);
+  double *row_ls = (double *)(ws + lay->row_qsum);
   ACC_T *means = (ACC_T *)(ws + lay->batch_q);
-  const int64_t nslots = assign_slots(p, (int64_t *)(ws + lay->class_map),
-                                      slots, (int64_t *)(ws + lay->slot_count));
-  FN(class_accumulate)(p, slots, nslots, means, cols,
-                       (double *)(ws + lay->row_val),
-                       (double *)(ws + lay->row_qsum), 0, nt);
-#pragma omp parallel for num_threads(nt) schedule(static)
+  const int64_t nslots =
+      assign_slots(p, (int64_t *)(ws + lay->class_map), slots, start);
+  /* Counts to start offsets, then the rows of each slot in row order. */
+  int64_t at = 0;
   for (int64_t c = 0; c < nslots; ++c) {
-    const ACC_T inv_n = (ACC_T)(1.0 / (double)count[c]);
-    ACC_T *row = means + c * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      row[j] *= inv_n;
+    const int64_t n = start[c];
+    start[c] = at;
+    at += n;
+  }
+  start[nslots] = at;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (slots[i] >= 0) {
+      order[start[slots[i]]++] = i;
+    }
+  }
+  for (int64_t c = nslots; c > 0; --c) {
+    start[c] = start[c - 1];
+  }
+  start[0] = 0;
+  ACC_T k2;
+  const ACC_T k = FN(inv_temperature)(p->temperature, &k2);
+
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      if (slots[i] >= 0) {
+        FN(row_stats)(logits + i * p->logits_stride, cols, k, k2, &row_m[i],
+                      &row_ls[i]);
+      }
+    }
+    double *wide =
+        (double *)(ws + lay->wide +
+                   (lay->wide_per_slot
+                        ? 0
+                        : (size_t)omp_get_thread_num() * lay->per_thread));
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nslots; ++c) {
+      double *o = lay->wide_per_slot ? wide + c * cols : wide;
+      memset(o, 0, (size_t)cols * sizeof(double));
+      for (int64_t t = start[c]; t < start[c + 1]; ++t) {
+        const int64_t i = order[t];
+        FN(accumulate_wide)(o, logits + i * p->logits_stride, cols, k, k2,
+                            (ACC_T)row_m[i], row_ls[i]);
+      }
+      const double inv_n = 1.0 / (double)(start[c + 1] - start[c]);
+      ACC_T *row = means + c * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        row[j] = (ACC_T)(o[j] * inv_n);
+      }
     }
   }
 }
@@ -343,7 +491,7 @@ static mcmi_status FN(loss)(const mcmi_problem *p, const loss_layout *lay,
     char *mine =
         ws + lay->scratch + (size_t)omp_get_thread_num() * lay->per_thread;
     mcmi_block_stat *stats = (mcmi_block_stat *)mine;
-    ACC_T *scratch = g ? (ACC_T *)(mine + lay->terms) : NULL;
+    ACC_T *scratch = (ACC_T *)(mine + lay->terms);
     row_val[i] = FN(loss_row)(p, logits + i * p->logits_stride, q, y, g, stats,
                               scratch, ce_coef, cmi_coef, &row_qsum[i]);
   }

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "mcmi.h"
 
@@ -85,10 +86,61 @@ inline Tensor unit_column_stride(const Tensor &t) {
 }
 
 inline void check_same_device(const Tensor &a, const Tensor &b,
-                              const char *name) {
+                              const char *name, const char *a_name = "logits") {
   MCMI_CHECK(a.get_device_index() == b.get_device_index() &&
                  a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda(),
-             "mcmi: ", name, " must be on the same device as logits");
+             "mcmi: ", name, " must be on the same device as ", a_name);
+}
+
+// Largest num_classes the ops take: far above any real label set, and
+// small enough that every [num_classes, columns] buffer size is formed
+// without overflow.
+constexpr int64_t kMaxClasses = (int64_t{1} << 31) - 1;
+
+inline void check_num_classes(int64_t num_classes) {
+  MCMI_CHECK(num_classes >= 1 && num_classes <= kMaxClasses,
+             "mcmi: num_classes must be >= 1 and <= ", kMaxClasses, ", got ",
+             num_classes);
+}
+
+// An output written in place: a 2-D tensor whose rows neither overlap nor
+// repeat (no stride-0 / expanded rows), with unit column stride.
+inline void check_inplace_rows(const Tensor &t, const char *name) {
+  MCMI_CHECK(t.dim() == 2, "mcmi: ", name, " must be 2-D, got ", t.dim(),
+             " dimensions");
+  MCMI_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "mcmi: ", name,
+             " must have unit column stride");
+  MCMI_CHECK(t.size(0) <= 1 || t.size(1) == 0 || t.stride(0) >= t.size(1),
+             "mcmi: ", name,
+             " is written in place, so its rows must not overlap (got row "
+             "stride ",
+             t.stride(0), " for ", t.size(1),
+             " columns: an expanded or overlapping view)");
+}
+
+// [first byte, one past the last byte] that t's elements span (torch
+// strides are never negative); {0, 0} when t is empty.
+inline std::pair<uintptr_t, uintptr_t> byte_span(const Tensor &t) {
+  if (t.numel() == 0) {
+    return {0, 0};
+  }
+  uintptr_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += static_cast<uintptr_t>(t.size(d) - 1) *
+            static_cast<uintptr_t>(t.stride(d));
+  }
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + (last + 1) * t.element_size()};
+}
+
+// An output written in place must not share memory with another argument.
+inline void check_disjoint(const Tensor &out, const char *out_name,
+                           const Tensor &other, const char *other_name) {
+  const auto a = byte_span(out), b = byte_span(other);
+  MCMI_CHECK(a.first == a.second || b.first == b.second ||
+                 a.second <= b.first || b.second <= a.first,
+             "mcmi: ", out_name, " is written in place and must not overlap ",
+             other_name, " in memory");
 }
 
 // Validates logits [B, C], target [B] and optional centroids [K, C] and
@@ -122,8 +174,7 @@ inline Inputs make_inputs(const Tensor &logits, const Tensor &target,
   MCMI_CHECK(std::isfinite(temperature) && temperature > 0.0,
              "mcmi: temperature must be a finite number > 0, got ",
              temperature);
-  MCMI_CHECK(num_classes >= 1, "mcmi: num_classes must be >= 1, got ",
-             num_classes);
+  check_num_classes(num_classes);
 
   Inputs in{unit_column_stride(logits), target, std::nullopt, mcmi_problem{}};
   mcmi_problem &p = in.problem;
@@ -176,6 +227,14 @@ inline mcmi_reduction check_reduction(int64_t reduction) {
   return static_cast<mcmi_reduction>(reduction);
 }
 
+// The smallest floor the kernels take: the smallest normal number of the
+// type they compute in (float32, or float64 for float64 logits), so that
+// log max(Q, floor) and P / max(Q, floor) stay finite and exact to rounding.
+inline double min_floor(const mcmi_problem &p) {
+  return p.dtype == MCMI_FLOAT64 ? 2.2250738585072014e-308
+                                 : 1.1754943508222875e-38;
+}
+
 inline void check_weights(const mcmi_problem &p, double ce_weight,
                           double cmi_weight, double floor) {
   MCMI_CHECK(ce_weight == 0.0 || p.classes <= p.cols,
@@ -185,8 +244,11 @@ inline void check_weights(const mcmi_problem &p, double ce_weight,
   MCMI_CHECK(std::isfinite(ce_weight) && std::isfinite(cmi_weight),
              "mcmi: loss weights must be finite, got ce_weight=", ce_weight,
              " cmi_weight=", cmi_weight);
-  MCMI_CHECK(std::isfinite(floor) && floor > 0.0 && floor < 1.0,
-             "mcmi: centroid floor must be in (0, 1), got ", floor);
+  MCMI_CHECK(floor >= min_floor(p) && floor < 1.0,
+             "mcmi: centroid floor must be in (0, 1) and at least ",
+             min_floor(p), ", the smallest normal number of ",
+             p.dtype == MCMI_FLOAT64 ? "float64" : "float32",
+             " (the type these logits are computed in), got ", floor);
 }
 
 inline Tensor workspace(const Tensor &like, size_t bytes) {
@@ -256,32 +318,36 @@ inline ClassSumsCall prepare_class_sums(const Tensor &logits,
 
 // Checks of mcmi::scale_grad_ and mcmi::ema_update_ shared by the devices.
 inline void check_scale_args(const Tensor &grad, const Tensor &scale) {
-  MCMI_CHECK(grad.dim() == 2, "mcmi: grad must be 2-D");
-  MCMI_CHECK(grad.size(1) <= 1 || grad.stride(1) == 1,
-             "mcmi: grad must have unit column stride");
+  check_same_device(grad, scale, "scale", "grad");
+  check_inplace_rows(grad, "grad");
+  logits_dtype(grad);
   MCMI_CHECK(scale.scalar_type() == grad.scalar_type(),
              "mcmi: scale must have the dtype of grad");
-  check_same_device(grad, scale, "scale");
   MCMI_CHECK(scale.dim() == 0 ||
                  (scale.dim() == 1 && scale.size(0) == grad.size(0)),
              "mcmi: scale must be 0-D or hold one value per row of grad");
+  check_disjoint(grad, "grad", scale, "scale");
 }
 
 inline Inputs ema_inputs(const Tensor &centroids, const Tensor &seen,
                          const Tensor &logits, const Tensor &target,
                          double temperature, double momentum,
                          int64_t ignore_index) {
-  MCMI_CHECK(centroids.dim() == 2, "mcmi: centroids must be 2-D");
+  check_same_device(logits, centroids, "centroids");
+  check_same_device(logits, seen, "seen");
+  check_inplace_rows(centroids, "centroids");
   Inputs in = make_inputs(logits, target, centroids, centroids.size(0),
                           temperature, ignore_index);
-  MCMI_CHECK(centroids.size(1) <= 1 || centroids.stride(1) == 1,
-             "mcmi: EMA centroids must have unit column stride");
   MCMI_CHECK(seen.dim() == 1 && seen.size(0) == centroids.size(0) &&
                  seen.scalar_type() == ScalarType::Bool,
              "mcmi: seen must be a bool tensor with one entry per class");
   MCMI_CHECK(seen.size(0) <= 1 || seen.stride(0) == 1,
              "mcmi: seen must be contiguous");
-  check_same_device(logits, seen, "seen");
+  check_disjoint(centroids, "centroids", seen, "seen");
+  check_disjoint(centroids, "centroids", logits, "logits");
+  check_disjoint(centroids, "centroids", target, "target");
+  check_disjoint(seen, "seen", logits, "logits");
+  check_disjoint(seen, "seen", target, "target");
   MCMI_CHECK(momentum > 0.0 && momentum <= 1.0,
              "mcmi: momentum must be in (0, 1], got ", momentum);
   bind_pointers(in);
@@ -302,7 +368,8 @@ inline void check_status(mcmi_status st, int64_t bad, int64_t classes,
          " is not a probability vector (its entries must sum to 1 within ",
          MCMI_CENTROID_SUM_TOLERANCE, ")");
   default:
-    fail("mcmi: invalid kernel arguments");
+    fail("mcmi: invalid kernel arguments (a size, stride or byte count is "
+         "beyond what the kernels can address)");
   }
 }
 

@@ -32,6 +32,26 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 CENTROID_FLOOR = 1e-12
 
 
+#: Largest ``num_classes`` the ops take (the C++ shim holds the same bound).
+MAX_CLASSES = (1 << 31) - 1
+
+
+def _check_devices(first_name: str, first: Tensor, **others: Tensor | None) -> None:
+    """All tensor arguments of an op on one device, checked here as the shim
+    checks it: a tensor on another device (``meta`` included) would otherwise
+    send the call to this fake kernel, which returns uninitialized memory."""
+    for name, t in others.items():
+        if t is not None and t.device != first.device:
+            raise RuntimeError(f"mcmi: {name} must be on the same device as {first_name}")
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise RuntimeError(
+            f"mcmi: num_classes must be >= 1 and <= {MAX_CLASSES}, got {num_classes}"
+        )
+
+
 @torch.library.register_fake("mcmi::loss")
 def _loss_fake(
     logits,
@@ -47,6 +67,8 @@ def _loss_fake(
     reduction,
     with_grad,
 ):
+    _check_devices("logits", logits, target=target, centroids=centroids)
+    _check_num_classes(num_classes)
     rows, cols = logits.shape
     loss = logits.new_empty((rows,) if reduction == REDUCTIONS["none"] else ())
     grad = logits.new_empty((rows, cols) if with_grad else (0,))
@@ -55,16 +77,20 @@ def _loss_fake(
 
 @torch.library.register_fake("mcmi::scale_grad_")
 def _scale_grad_fake(grad, scale):
+    _check_devices("grad", grad, scale=scale)
     return None
 
 
 @torch.library.register_fake("mcmi::ema_update_")
 def _ema_update_fake(centroids, seen, logits, target, temperature, momentum, ignore_index):
+    _check_devices("logits", logits, centroids=centroids, seen=seen, target=target)
     return None
 
 
 @torch.library.register_fake("mcmi::class_sums")
 def _class_sums_fake(logits, target, num_classes, temperature, ignore_index, log_probs):
+    _check_devices("logits", logits, target=target)
+    _check_num_classes(num_classes)
     sums = logits.new_empty((num_classes, logits.shape[1]), dtype=compute_dtype(logits))
     counts = logits.new_empty((num_classes,), dtype=torch.int64)
     return sums, counts

@@ -157,7 +157,6 @@ class MCMILoss(nn.Module):
                 )
             # float32: what the kernels read for float32/bf16/fp16 logits.
             self.register_buffer("centroids", q.float())
-            self._log_cache = None
             self.num_classes = q.shape[0]
         elif centroids == "batch":
             self.mode = "batch"
@@ -249,14 +248,6 @@ class MCMILoss(nn.Module):
         logits = _ops.autocast_float32(logits)
         if self.mode != "batch":
             self._check_state(logits)
-        log_centroids = (
-            self.mode == "fixed"
-            and not torch.compiler.is_compiling()
-            and not self.centroids.is_inference()
-        )
-        if log_centroids:
-            centroids = self._log_centroids(_ops.compute_dtype(logits))
-        elif self.mode != "batch":
             centroids = self.centroids
         elif is_distributed():
             # The centroids of the batch of all ranks, as constants: for 'mean'
@@ -276,7 +267,6 @@ class MCMILoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             num_classes=self.num_classes,
-            log_centroids=log_centroids,
         )
         if not fused_ce:
             weight = self.weight.to(logits.dtype) if self.weight is not None else None
@@ -321,27 +311,6 @@ class MCMILoss(nn.Module):
                 f"{logits.shape[1]} classes: 'ema' centroids are [num_classes, num_classes], "
                 "so num_classes must be the number of logits columns"
             )
-
-    @torch.no_grad()
-    def _log_centroids(self, dtype: torch.dtype) -> Tensor:
-        """``log max(Q, CENTROID_FLOOR)`` of the fixed centroids in ``dtype``,
-        so that the kernel need not take a log per element. Recomputed, after
-        validating the buffer again, whenever the buffer may have changed:
-        replaced (``.to()``, assignment, ``.data =``: its identity or data
-        pointer) or modified in place (``load_state_dict``, ``copy_``: its
-        version counter). In-place writes through ``.data`` are invisible to
-        the version counter (as they are to autograd) and are not supported."""
-        q = self.centroids
-        key = (q.data_ptr(), q._version, dtype)
-        cached = self._log_cache
-        if cached is None or cached[0] is not q or cached[1] != key:
-            try:
-                check_centroids(q)
-            except ValueError as error:
-                raise ValueError(f"MCMILoss: the centroids buffer was changed: {error}") from None
-            log_q = q.to(dtype).clamp_min(_ops.CENTROID_FLOOR).log()
-            self._log_cache = (q, key, log_q)
-        return self._log_cache[2]
 
     @torch.no_grad()
     def _batch_centroids(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

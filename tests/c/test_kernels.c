@@ -512,6 +512,301 @@ static void test_half_formats(void) {
   CHECK(mcmi_bf16_store(1.0f + 0x1.0p-8f) == 0x3F80u, "bf16 ties to even");
 }
 
+/* Sizes whose byte counts overflow are refused before any memory is
+ * touched: the workspace query reports 0 and the kernels
+ * MCMI_ERROR_ARGUMENT (absurd num_classes with in-batch centroids, row
+ * strides that wrap, overlapping output rows). */
+static void test_size_overflow(void) {
+  case_t c = make_case(4, 3, 3, 1.0);
+  double loss[4], grad[12], sums[12], q[9];
+  int64_t counts[3], bad = -1;
+  uint8_t seen[3] = {0, 0, 0};
+  _Alignas(64) unsigned char ws[4096];
+  mcmi_problem p = problem_f64(&c, 1, 1.0, 0.0, 1.0, 1);
+  const int64_t huge[] = {(int64_t)1 << 61, (int64_t)1 << 62, INT64_MAX};
+  for (size_t k = 0; k < sizeof huge / sizeof huge[0]; ++k) {
+    mcmi_problem h = p;
+    h.classes = huge[k];
+    CHECK(mcmi_cpu_loss_workspace(&h, 2, 1) == 0,
+          "workspace for classes %lld not refused", (long long)huge[k]);
+    CHECK(mcmi_cpu_loss(&h, loss, 1, grad, 3, ws, 2, &bad) ==
+              MCMI_ERROR_ARGUMENT,
+          "loss with classes %lld not refused", (long long)huge[k]);
+    CHECK(mcmi_cpu_ema_workspace(&h) == 0, "ema workspace not refused");
+    CHECK(mcmi_cpu_ema_update(&h, 0.5, q, 3, seen, ws, 1, &bad) ==
+              MCMI_ERROR_ARGUMENT,
+          "ema update with classes %lld not refused", (long long)huge[k]);
+    CHECK(mcmi_cpu_class_sums(&h, 0, sums, 3, counts, ws, 1, &bad) ==
+              MCMI_ERROR_ARGUMENT,
+          "class sums with classes %lld not refused", (long long)huge[k]);
+  }
+  /* Huge columns, rows or strides: the extent of a buffer overflows. */
+  mcmi_problem h = p;
+  h.cols = INT64_MAX / 2;
+  CHECK(mcmi_cpu_loss_workspace(&h, 1, 1) == 0, "huge cols: workspace");
+  CHECK(mcmi_cpu_loss(&h, loss, 1, NULL, 0, ws, 1, &bad) == MCMI_ERROR_ARGUMENT,
+        "huge cols accepted");
+  h = p;
+  h.logits_stride = INT64_MAX / 2;
+  CHECK(mcmi_cpu_loss(&h, loss, 1, NULL, 0, ws, 1, &bad) == MCMI_ERROR_ARGUMENT,
+        "wrapping logits stride accepted");
+  h = p;
+  h.target_stride = INT64_MAX / 3;
+  CHECK(mcmi_cpu_loss(&h, loss, 1, NULL, 0, ws, 1, &bad) == MCMI_ERROR_ARGUMENT,
+        "wrapping target stride accepted");
+  CHECK(mcmi_check_targets(c.y, INT64_MAX / 3, 4, 3, -100, NULL, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "mcmi_check_targets: wrapping stride accepted");
+  h = p;
+  h.logits_stride = -3;
+  CHECK(mcmi_cpu_loss(&h, loss, 1, NULL, 0, ws, 1, &bad) == MCMI_ERROR_ARGUMENT,
+        "negative stride accepted");
+  h = problem_f64(&c, 0, 1.0, 0.0, 1.0, 1);
+  h.centroids_stride = INT64_MAX / 2;
+  CHECK(mcmi_cpu_loss(&h, loss, 1, NULL, 0, ws, 1, &bad) == MCMI_ERROR_ARGUMENT,
+        "wrapping centroids stride accepted");
+  /* Outputs: overlapping gradient rows, per-row losses with a wrapping
+   * stride, overlapping sums, EMA rows and scaled rows. */
+  CHECK(mcmi_cpu_loss(&p, loss, 1, grad, 2, ws, 1, &bad) == MCMI_ERROR_ARGUMENT,
+        "overlapping gradient rows accepted");
+  h = p;
+  h.reduction = MCMI_REDUCTION_NONE;
+  CHECK(mcmi_cpu_loss(&h, loss, INT64_MAX / 2, NULL, 0, ws, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "wrapping loss stride accepted");
+  CHECK(mcmi_cpu_class_sums(&p, 0, sums, 0, counts, ws, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "stride-0 sums accepted");
+  CHECK(mcmi_cpu_ema_update(&p, 0.5, q, 1, seen, ws, 1, &bad) ==
+            MCMI_ERROR_ARGUMENT,
+        "overlapping EMA rows accepted");
+  CHECK(mcmi_cpu_scale_rows(MCMI_FLOAT64, grad, 4, 3, 0, loss, 1, 1) ==
+            MCMI_ERROR_ARGUMENT,
+        "stride-0 scaled rows accepted");
+  CHECK(mcmi_cpu_scale_rows(MCMI_FLOAT64, grad, INT64_MAX / 2, 3, 3, loss, 1,
+                            1) == MCMI_ERROR_ARGUMENT,
+        "wrapping scaled rows accepted");
+  CHECK(mcmi_cpu_scale_rows((mcmi_dtype)9, grad, 4, 3, 3, loss, 1, 1) ==
+            MCMI_ERROR_ARGUMENT,
+        "unknown dtype accepted");
+  free_case(&c);
+}
+
+/* float32 KL against float64 where it is small (high T, near-uniform or
+ * in-batch centroids of similar rows): relative error <= 1e-5. */
+static void test_small_kl_f32(void) {
+  const double temps[] = {1.0, 4.0, 10.0};
+  const double spreads[] = {0.05, 0.3, 2.0};
+  double worst = 0.0;
+  for (int trial = 0; trial < 36; ++trial) {
+    const int64_t n = 6 + trial % 5, m = 3 + (int64_t)(uniform() * 1500);
+    const double t = temps[trial % 3], spread = spreads[(trial / 3) % 3];
+    const int batch = (trial / 9) % 2;
+    const int as_logs = !batch && trial % 4 == 3;
+    case_t c = make_case(n, m, 2, 1.0);
+    float *z = malloc(sizeof(float) * (size_t)(n * m));
+    float *q = malloc(sizeof(float) * (size_t)(2 * m));
+    double *base = malloc(sizeof(double) * (size_t)m);
+    for (int64_t j = 0; j < m; ++j) {
+      base[j] = 2.0 * normal();
+    }
+    for (int64_t i = 0; i < n * m; ++i) {
+      z[i] = (float)(base[i % m] + spread * normal());
+      c.z[i] = z[i];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      c.y[i] = i % 2;
+    }
+    /* Near-uniform centroids, exactly as float32 holds them. */
+    for (int64_t k = 0; k < 2; ++k) {
+      double s = 0.0;
+      for (int64_t j = 0; j < m; ++j) {
+        c.q[k * m + j] = exp(spread * 0.1 * normal());
+        s += c.q[k * m + j];
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        q[k * m + j] = (float)(c.q[k * m + j] / s);
+        c.q[k * m + j] = q[k * m + j];
+        if (as_logs) {
+          q[k * m + j] = logf(q[k * m + j]);
+        }
+      }
+    }
+    double *want = malloc(sizeof(double) * (size_t)n);
+    float *got = malloc(sizeof(float) * (size_t)n);
+    ref_loss(&c, batch, t, 0.0, 1.0, MCMI_REDUCTION_NONE, want);
+    mcmi_problem p = problem_f64(&c, batch, t, 0.0, 1.0, MCMI_REDUCTION_NONE);
+    p.dtype = MCMI_FLOAT32;
+    p.logits = z;
+    p.centroids = batch ? NULL : q;
+    p.log_centroids = as_logs;
+    int64_t bad;
+    CHECK(run_loss(&p, got, NULL, 2, &bad) == MCMI_OK, "small KL status");
+    for (int64_t i = 0; i < n; ++i) {
+      /* Rows of in-batch classes with one member have KL 0 exactly. */
+      const double err = fabs((double)got[i] - want[i]);
+      const double rel = err / fmax(fabs(want[i]), 1e-300);
+      const double limit = as_logs ? 1e-4 : 1e-5;
+      CHECK(rel <= limit || err < 1e-12,
+            "small KL row %lld: %.9g vs %.9g (rel %.3g, T %g, spread %g, "
+            "batch %d, logs %d)",
+            (long long)i, (double)got[i], want[i], rel, t, spread, batch,
+            as_logs);
+      if (!as_logs && err >= 1e-12) {
+        worst = fmax(worst, rel);
+      }
+    }
+    free(want);
+    free(got);
+    free(base);
+    free(z);
+    free(q);
+    free_case(&c);
+  }
+  printf("small-KL float32: worst relative error %.3g\n", worst);
+}
+
+/* In-batch centroids: a non-finite row makes its classmates' KL NaN (its
+ * class mean is NaN), other classes stay finite. Infinite logits give NaN
+ * in every mode and dtype. */
+static void test_nonfinite_propagation(void) {
+  const double bad_values[] = {NAN, INFINITY, -INFINITY};
+  for (int v = 0; v < 3; ++v) {
+    for (int batch = 0; batch < 2; ++batch) {
+      for (int f32 = 0; f32 < 2; ++f32) {
+        case_t c = make_case(6, 5, 2, 1.0);
+        for (int64_t i = 0; i < 6; ++i) {
+          c.y[i] = i < 3 ? 0 : 1;
+        }
+        c.z[1 * 5 + 2] = bad_values[v];
+        float z32[30], q32[10], loss32[6];
+        for (int64_t i = 0; i < 30; ++i) {
+          z32[i] = (float)c.z[i];
+        }
+        for (int64_t i = 0; i < 10; ++i) {
+          q32[i] = (float)c.q[i];
+        }
+        double loss[6];
+        mcmi_problem p = problem_f64(&c, batch, 2.0, 0.0, 1.0, 0);
+        if (f32) {
+          p.dtype = MCMI_FLOAT32;
+          p.logits = z32;
+          p.centroids = batch ? NULL : q32;
+        }
+        int64_t bad;
+        CHECK(run_loss(&p, f32 ? (void *)loss32 : (void *)loss, NULL, 1,
+                       &bad) == MCMI_OK,
+              "non-finite logits: status");
+        for (int64_t i = 0; i < 6; ++i) {
+          const double l = f32 ? (double)loss32[i] : loss[i];
+          /* A NaN logit poisons its class mean; an infinite one leaves the
+           * mean finite for -inf (exp gives 0) and NaN for +inf. */
+          const int poisoned =
+              i == 1 || (batch && i < 3 && !(v == 2 && i != 1));
+          CHECK(poisoned ? isnan(l) : isfinite(l),
+                "row %lld: %g (value %g, batch %d, f32 %d)", (long long)i, l,
+                bad_values[v], batch, f32);
+        }
+        free_case(&c);
+      }
+    }
+  }
+  /* A NaN entry of a given centroid row is not "below the floor". */
+  case_t c = make_case(4, 5, 2, 1.0);
+  c.y[0] = c.y[1] = c.y[2] = c.y[3] = 1;
+  c.q[5 + 1] = NAN;
+  mcmi_problem p = problem_f64(&c, 0, 1.0, 0.0, 1.0, 1);
+  double loss;
+  int64_t bad;
+  CHECK(run_loss(&p, &loss, NULL, 1, &bad) == MCMI_ERROR_CENTROIDS && bad == 1,
+        "NaN centroid entry not reported");
+  free_case(&c);
+}
+
+/* Extreme temperatures: T = 1e-39 (1/T beyond float32) and below float64's
+ * normal range give the one-hot limit, finite, in float32 and float64; a
+ * huge T gives the uniform limit. */
+static void test_extreme_temperatures(void) {
+  case_t c = make_case(5, 7, 3, 1.5);
+  for (int64_t i = 0; i < 5; ++i) {
+    c.y[i] = i % 3;
+  }
+  float z32[35], q32[21];
+  for (int64_t i = 0; i < 35; ++i) {
+    z32[i] = (float)c.z[i];
+    c.z[i] = z32[i];
+  }
+  for (int64_t i = 0; i < 21; ++i) {
+    q32[i] = (float)c.q[i];
+    c.q[i] = q32[i];
+  }
+  const double temps[] = {1e-39, 1e-300, 5e-324, 1e30, 1e300};
+  for (size_t k = 0; k < sizeof temps / sizeof temps[0]; ++k) {
+    const double t = temps[k];
+    double want[5];
+    for (int64_t i = 0; i < 5; ++i) {
+      /* The limit: KL = -log Q at the argmax (T -> 0), or
+       * -log C - mean_j log Q_j (T -> inf). */
+      const double *qr = c.q + c.y[i] * 7;
+      int64_t arg = 0;
+      double lq = 0.0;
+      for (int64_t j = 0; j < 7; ++j) {
+        arg = c.z[i * 7 + j] > c.z[i * 7 + arg] ? j : arg;
+        lq += log(qr[j]);
+      }
+      want[i] = t < 1.0 ? -log(qr[arg]) : -log(7.0) - lq / 7.0;
+    }
+    for (int f32 = 0; f32 < 2; ++f32) {
+      mcmi_problem p = problem_f64(&c, 0, t, 0.0, 1.0, 0);
+      double loss[5], grad[35];
+      float loss32[5], grad32[35];
+      if (f32) {
+        p.dtype = MCMI_FLOAT32;
+        p.logits = z32;
+        p.centroids = q32;
+      }
+      int64_t bad;
+      CHECK(run_loss(&p, f32 ? (void *)loss32 : (void *)loss,
+                     f32 ? (void *)grad32 : (void *)grad, 2, &bad) == MCMI_OK,
+            "T %g status", t);
+      for (int64_t i = 0; i < 5; ++i) {
+        const double l = f32 ? (double)loss32[i] : loss[i];
+        CHECK(isfinite(l) && fabs(l - want[i]) <= 1e-5 * fabs(want[i]) + 1e-6,
+              "T %g row %lld (f32 %d): %.9g vs %.9g", t, (long long)i, f32, l,
+              want[i]);
+      }
+      for (int64_t i = 0; i < 35; ++i) {
+        const double g = f32 ? (double)grad32[i] : grad[i];
+        CHECK(isfinite(g), "T %g: gradient[%lld] = %g (f32 %d)", t,
+              (long long)i, g, f32);
+      }
+      /* Class sums at the same temperature: one-hot or uniform rows. */
+      double sums[21];
+      float sums32[21];
+      int64_t counts[3];
+      _Alignas(64) unsigned char ws[1024];
+      p = problem_f64(&c, 1, t, 0.0, 0.0, 1);
+      if (f32) {
+        p.dtype = MCMI_FLOAT32;
+        p.logits = z32;
+      }
+      CHECK(mcmi_cpu_class_sums(&p, 0, f32 ? (void *)sums32 : (void *)sums, 7,
+                                counts, ws, 1, &bad) == MCMI_OK,
+            "class sums status");
+      double total = 0.0;
+      int finite = 1;
+      for (int64_t j = 0; j < 21; ++j) {
+        const double v = f32 ? (double)sums32[j] : sums[j];
+        total += v;
+        finite &= isfinite(v);
+      }
+      CHECK(finite && fabs(total - 5.0) < 1e-5,
+            "T %g: class sums total %g (f32 %d)", t, total, f32);
+    }
+  }
+  free_case(&c);
+}
+
 int main(void) {
   test_f64();
   test_f32_and_threads();
@@ -521,6 +816,10 @@ int main(void) {
   test_class_sums();
   test_ema_update();
   test_half_formats();
+  test_size_overflow();
+  test_small_kl_f32();
+  test_nonfinite_propagation();
+  test_extreme_temperatures();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures ? 1 : 0;
 }
