@@ -138,10 +138,11 @@ __device__ Partial<A> group_reduce(Partial<A> p, A k, Partial<A> *shared) {
   return r;
 }
 
-/* log max(q, floor), or q itself when the centroids are logs already. */
+/* log max(q, floor) (a NaN entry stays NaN), or q itself when the centroids
+ * are logs already. */
 template <typename A>
 __device__ __forceinline__ A log_centroid(A v, int is_log, A floor) {
-  return is_log ? v : dlog(v > floor ? v : floor);
+  return is_log ? v : dlog(v < floor ? floor : v);
 }
 
 /* A row's log-normalizer ls = log s and KL term from its combined partial
