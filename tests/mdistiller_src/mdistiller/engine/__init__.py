@@ -1,7 +1,0 @@
-from .trainer import BaseTrainer, CRDTrainer, DOT, CRDDOT
-trainer_dict = {
-    "base": BaseTrainer,
-    "crd": CRDTrainer,
-    "dot": DOT,
-    "crd_dot": CRDDOT,
-}
