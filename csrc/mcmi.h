@@ -130,8 +130,9 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
                                 int64_t *counts, void *workspace,
                                 int num_threads, int64_t *bad_index);
 
-/* Bytes of scratch memory mcmi_cpu_ema_update needs. */
-size_t mcmi_cpu_ema_workspace(const mcmi_problem *p);
+/* Bytes of scratch memory mcmi_cpu_ema_update needs with this many
+ * threads (at most num_threads * cols doubles, plus O(rows + classes)). */
+size_t mcmi_cpu_ema_workspace(const mcmi_problem *p, int num_threads);
 
 /*
  * In place, for every class c present among the valid rows, with b_c the
@@ -142,7 +143,8 @@ size_t mcmi_cpu_ema_workspace(const mcmi_problem *p);
  * centroids: [classes, cols], row stride centroids_stride, float64 for
  * float64 logits and float32 otherwise; seen: [classes] bytes (0 or 1).
  * Only rows, cols, classes, dtype, logits, target, temperature and
- * ignore_index of p are read. Bitwise identical for every num_threads.
+ * ignore_index of p are read. Bitwise identical for every num_threads; the
+ * workspace is sized by mcmi_cpu_ema_workspace for the same num_threads.
  */
 mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
                                 void *centroids, int64_t centroids_stride,

@@ -55,10 +55,9 @@ typedef struct {
   size_t order;      /* int64[rows], in-batch centroids only */
   size_t slot_count; /* int64[min(rows, classes) + 1], in-batch only */
   size_t batch_q;    /* ACC_T[min(rows, classes)][cols], in-batch only */
-  /* double[cols] sums of the in-batch means: at `wide` + t * per_thread for
-   * thread t (loss), or one per slot at `wide` + slot * cols * 8 (EMA). */
+  /* double[cols] sums of an in-batch mean: at `wide` + t * per_thread for
+   * thread t. */
   size_t wide;
-  int wide_per_slot;
   size_t total;
 } loss_layout;
 
@@ -145,19 +144,19 @@ static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
 }
 
 /*
- * The layout of mcmi_cpu_loss's workspace (wide_per_slot == 0), or of
- * mcmi_cpu_ema_update's (an in-batch problem, wide_per_slot != 0); 0 when a
- * size overflows.
+ * The layout of mcmi_cpu_loss's workspace, or of mcmi_cpu_ema_update's (an
+ * in-batch problem with `ema` set: the means go straight into the
+ * centroids, so there is no batch_q); 0 when a size overflows.
  */
 static int make_loss_layout(const mcmi_problem *p, int nt, int with_grad,
-                            int wide_per_slot, loss_layout *l) {
+                            int ema, loss_layout *l) {
   const size_t rows = (size_t)p->rows, cols = (size_t)p->cols;
   const size_t acc = acc_size(p->dtype);
   const size_t nslots = (size_t)(p->rows < p->classes ? p->rows : p->classes);
   const size_t nblocks = cols / MCMI_BLOCK + 1;
   const int batch = p->centroids == NULL;
   size_t per_col = (with_grad ? 3u : 1u) * acc;
-  if (batch && !wide_per_slot && per_col < sizeof(double)) {
+  if (batch && per_col < sizeof(double)) {
     per_col = sizeof(double);
   }
   layout_cursor c = {0, 1};
@@ -172,7 +171,6 @@ static int make_loss_layout(const mcmi_problem *p, int nt, int with_grad,
   l->scratch = take(&c, (size_t)nt, l->per_thread);
   l->class_map = l->slot = l->order = l->slot_count = l->batch_q = c.at;
   l->wide = l->scratch + l->terms;
-  l->wide_per_slot = wide_per_slot;
   if (batch) {
     size_t means;
     if (__builtin_mul_overflow(nslots, cols, &means)) {
@@ -182,10 +180,7 @@ static int make_loss_layout(const mcmi_problem *p, int nt, int with_grad,
     l->slot = take(&c, rows, sizeof(int64_t));
     l->order = take(&c, rows, sizeof(int64_t));
     l->slot_count = take(&c, nslots + 1u, sizeof(int64_t));
-    l->batch_q = take(&c, means, acc);
-    if (wide_per_slot) {
-      l->wide = take(&c, means, sizeof(double));
-    }
+    l->batch_q = ema ? c.at : take(&c, means, acc);
   }
   l->total = c.at;
   return c.ok;
@@ -215,6 +210,39 @@ static int64_t assign_slots(const mcmi_problem *p, int64_t *map, int64_t *slot,
     slot[i] = map[y];
     ++count[map[y]];
   }
+  return nslots;
+}
+
+/*
+ * Groups the valid rows of an in-batch problem by class: slots (assign_slots)
+ * in class_map and slot, and the rows of slot c, in row order, at
+ * order[start[c]..start[c + 1]) with start at slot_count. Returns the slot
+ * count.
+ */
+static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
+                          char *ws) {
+  int64_t *start = (int64_t *)(ws + lay->slot_count);
+  int64_t *slots = (int64_t *)(ws + lay->slot);
+  int64_t *order = (int64_t *)(ws + lay->order);
+  const int64_t nslots =
+      assign_slots(p, (int64_t *)(ws + lay->class_map), slots, start);
+  /* Counts to start offsets, then the rows of each slot in row order. */
+  int64_t at = 0;
+  for (int64_t c = 0; c < nslots; ++c) {
+    const int64_t n = start[c];
+    start[c] = at;
+    at += n;
+  }
+  start[nslots] = at;
+  for (int64_t i = 0; i < p->rows; ++i) {
+    if (slots[i] >= 0) {
+      order[start[slots[i]]++] = i;
+    }
+  }
+  for (int64_t c = nslots; c > 0; --c) {
+    start[c] = start[c - 1];
+  }
+  start[0] = 0;
   return nslots;
 }
 
@@ -485,13 +513,21 @@ static mcmi_problem batch_problem(const mcmi_problem *p) {
   return b;
 }
 
-size_t mcmi_cpu_ema_workspace(const mcmi_problem *p) {
+/* Threads of an EMA update: as many as rows or classes can use. */
+static int ema_threads(const mcmi_problem *p, int num_threads) {
+  const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
+  return effective_threads(num_threads, extent, p->cols);
+}
+
+size_t mcmi_cpu_ema_workspace(const mcmi_problem *p, int num_threads) {
   loss_layout lay;
   if (!problem_ok(p)) {
     return 0;
   }
   const mcmi_problem b = batch_problem(p);
-  return make_loss_layout(&b, 1, 0, 1, &lay) ? lay.total : 0;
+  return make_loss_layout(&b, ema_threads(p, num_threads), 0, 1, &lay)
+             ? lay.total
+             : 0;
 }
 
 mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
@@ -511,12 +547,11 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
     return st;
   }
   const mcmi_problem b = batch_problem(p);
+  const int nt = ema_threads(p, num_threads);
   loss_layout lay;
-  if (!make_loss_layout(&b, 1, 0, 1, &lay)) {
+  if (!make_loss_layout(&b, nt, 0, 1, &lay)) {
     return MCMI_ERROR_ARGUMENT;
   }
-  const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
-  const int nt = effective_threads(num_threads, extent, p->cols);
   char *ws = (char *)workspace;
   switch (p->dtype) {
   case MCMI_FLOAT32:

@@ -104,25 +104,6 @@ MCMI_INLINE ACC_T FN(softmax_block)(const LOGIT_T *z, int64_t n, ACC_T m,
 #define MCMI_QJ(q_is_log)                                                      \
   ((q_is_log) ? MCMI_FLOORED(EXP(q[j]), qfloor) : MCMI_FLOORED(q[j], qfloor))
 
-/* sum_j Q'_j of a block, in double: the KL subtracts sum Q' - 1, which must
- * be exact to far below the KL itself. */
-MCMI_INLINE double FN(qsum_block)(const ACC_T *q, int64_t n, ACC_T qfloor,
-                                  int q_is_log) {
-  double qs = 0.0;
-  if (q_is_log) {
-#pragma omp simd reduction(+ : qs)
-    for (int64_t j = 0; j < n; ++j) {
-      qs += (double)MCMI_QJ(1);
-    }
-  } else {
-#pragma omp simd reduction(+ : qs)
-    for (int64_t j = 0; j < n; ++j) {
-      qs += (double)MCMI_QJ(0);
-    }
-  }
-  return qs;
-}
-
 /*
  * Q'_j g(x_j), x_j = log(P_j / Q'_j) (*x receives x_j): the series of g
  * for |x| < 1/2, else the direct form (x - 1) P + Q' (no overflow for Q' at
@@ -140,19 +121,24 @@ MCMI_INLINE ACC_T FN(kl_term)(ACC_T pj, ACC_T qj, ACC_T *x) {
 
 /*
  * The second pass over a block: with P_j = e_j kb, returns
- * sum_j Q'_j g(x_j) (formed in ACC_T); stores x_j when x != NULL.
+ * sum_j Q'_j g(x_j) (formed in ACC_T) and adds sum_j Q'_j to *qsum in
+ * double (the KL subtracts sum Q' - 1, which must be exact to far below
+ * the KL itself); stores x_j when x != NULL.
  */
 #define MCMI_KL_LOOP(IS_LOG, KEEP)                                             \
-  _Pragma("omp simd reduction(+ : acc)") for (int64_t j = 0; j < n; ++j) {     \
+  _Pragma("omp simd reduction(+ : acc, qs)") for (int64_t j = 0; j < n; ++j) { \
     ACC_T xj;                                                                  \
-    acc += FN(kl_term)(e[j] * kb, MCMI_QJ(IS_LOG), &xj);                       \
+    const ACC_T qj = MCMI_QJ(IS_LOG);                                          \
+    qs += (double)qj;                                                          \
+    acc += FN(kl_term)(e[j] * kb, qj, &xj);                                    \
     KEEP;                                                                      \
   }
 
 MCMI_INLINE double FN(kl_block)(const ACC_T *q, int64_t n, const ACC_T *e,
-                                ACC_T kb, ACC_T qfloor, int q_is_log,
-                                ACC_T *x) {
+                                ACC_T kb, ACC_T qfloor, int q_is_log, ACC_T *x,
+                                double *qsum) {
   ACC_T acc = 0;
+  double qs = 0.0;
   if (q_is_log && x) {
     MCMI_KL_LOOP(1, x[j] = xj)
   } else if (q_is_log) {
@@ -162,6 +148,7 @@ MCMI_INLINE double FN(kl_block)(const ACC_T *q, int64_t n, const ACC_T *e,
   } else {
     MCMI_KL_LOOP(0, (void)xj)
   }
+  *qsum += qs;
   return (double)acc;
 }
 #undef MCMI_KL_LOOP
@@ -224,7 +211,6 @@ MCMI_CLONES static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
                                               g ? e1_buf + j0 : NULL)
                       : stats[b].s;
     bad += (double)block_bad;
-    qs += FN(qsum_block)(q + j0, n, qfloor, p->log_centroids);
     big_m = (double)mb > big_m ? (double)mb : big_m;
   }
   double s = 0.0, s1 = 0.0;
@@ -240,16 +226,17 @@ MCMI_CLONES static double FN(loss_row)(const mcmi_problem *p, const LOGIT_T *z,
     s += stats[b].r * stats[b].s;
     s1 += stats[b].r1 * stats[b].s1;
   }
-  /* In-batch centroids sum to 1 in exact arithmetic: their KL is taken
-   * against Q' / sum Q' (adding log sum Q'), which removes the rounding of
-   * their sum. Given centroids are used as they are. */
-  double kl = bad - (qs - 1.0) + (p->centroids == NULL ? log1p(qs - 1.0) : 0.0);
+  double kl = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * MCMI_BLOCK;
     const int64_t n = cols - j0 < MCMI_BLOCK ? cols - j0 : MCMI_BLOCK;
     kl += FN(kl_block)(q + j0, n, e_buf + j0, (ACC_T)(stats[b].r / s), qfloor,
-                       p->log_centroids, g ? x_buf + j0 : NULL);
+                       p->log_centroids, g ? x_buf + j0 : NULL, &qs);
   }
+  /* In-batch centroids sum to 1 in exact arithmetic: their KL is taken
+   * against Q' / sum Q' (adding log sum Q'), which removes the rounding of
+   * their sum. Given centroids are used as they are. */
+  kl += bad - (qs - 1.0) + (p->centroids == NULL ? log1p(qs - 1.0) : 0.0);
   *qsum = qs;
   const double ce = want_ce ? big_m + log(s1) - (double)LOAD(z[y]) : 0.0;
 
@@ -376,69 +363,66 @@ MCMI_CLONES static void FN(accumulate_wide)(double *o, const LOGIT_T *z,
 }
 
 /*
- * In-batch centroids on a batch-mode loss layout: gives each class present
- * a slot (class_map, slot, slot_count) and writes the mean softmax of its
- * rows to batch_q[slot]. Each mean is summed in double, in row order, by
- * one thread (over the rows of its class, listed in `order`): the KL
- * against a mean of similar rows needs it exact to well below float32's
- * rounding of a many-term sum.
+ * The rows of each class present, for in-batch centroids: gives each class
+ * a slot (group_rows in mcmi_cpu.c) and the row statistics of every valid
+ * row. Then class_mean forms the mean softmax of one slot.
  */
+static void FN(row_stats_all)(const mcmi_problem *p, const int64_t *slots,
+                              double *row_m, double *row_ls) {
+  ACC_T k2;
+  const ACC_T k = FN(inv_temperature)(p->temperature, &k2);
+  const LOGIT_T *logits = (const LOGIT_T *)p->logits;
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < p->rows; ++i) {
+    if (slots[i] >= 0) {
+      FN(row_stats)(logits + i * p->logits_stride, p->cols, k, k2, &row_m[i],
+                    &row_ls[i]);
+    }
+  }
+}
+
+/*
+ * o = the mean softmax of the rows order[first..last), summed in double in
+ * row order (by one thread): the KL against a mean of similar rows needs it
+ * exact to well below float32's rounding of a many-term sum. Returns 1/n.
+ */
+static double FN(class_mean)(const mcmi_problem *p, const int64_t *order,
+                             int64_t first, int64_t last, const double *row_m,
+                             const double *row_ls, double *o) {
+  const int64_t cols = p->cols;
+  const LOGIT_T *logits = (const LOGIT_T *)p->logits;
+  ACC_T k2;
+  const ACC_T k = FN(inv_temperature)(p->temperature, &k2);
+  memset(o, 0, (size_t)cols * sizeof(double));
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t i = order[t];
+    FN(accumulate_wide)(o, logits + i * p->logits_stride, cols, k, k2,
+                        (ACC_T)row_m[i], row_ls[i]);
+  }
+  return 1.0 / (double)(last - first);
+}
+
+/* In-batch centroids on a batch-mode loss layout: writes the mean softmax
+ * of each slot's rows to batch_q[slot]. */
 static void FN(batch_means)(const mcmi_problem *p, const loss_layout *lay,
                             char *ws, int nt) {
-  const int64_t rows = p->rows, cols = p->cols;
-  const LOGIT_T *logits = (const LOGIT_T *)p->logits;
-  int64_t *start = (int64_t *)(ws + lay->slot_count);
-  int64_t *slots = (int64_t *)(ws + lay->slot);
-  int64_t *order = (int64_t *)(ws + lay->order);
+  const int64_t cols = p->cols;
+  const int64_t *start = (const int64_t *)(ws + lay->slot_count);
+  const int64_t *order = (const int64_t *)(ws + lay->order);
   double *row_m = (double *)(ws + lay->row_val);
   double *row_ls = (double *)(ws + lay->row_qsum);
   ACC_T *means = (ACC_T *)(ws + lay->batch_q);
-  const int64_t nslots =
-      assign_slots(p, (int64_t *)(ws + lay->class_map), slots, start);
-  /* Counts to start offsets, then the rows of each slot in row order. */
-  int64_t at = 0;
-  for (int64_t c = 0; c < nslots; ++c) {
-    const int64_t n = start[c];
-    start[c] = at;
-    at += n;
-  }
-  start[nslots] = at;
-  for (int64_t i = 0; i < rows; ++i) {
-    if (slots[i] >= 0) {
-      order[start[slots[i]]++] = i;
-    }
-  }
-  for (int64_t c = nslots; c > 0; --c) {
-    start[c] = start[c - 1];
-  }
-  start[0] = 0;
-  ACC_T k2;
-  const ACC_T k = FN(inv_temperature)(p->temperature, &k2);
+  const int64_t nslots = group_rows(p, lay, ws);
 
 #pragma omp parallel num_threads(nt)
   {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
-      if (slots[i] >= 0) {
-        FN(row_stats)(logits + i * p->logits_stride, cols, k, k2, &row_m[i],
-                      &row_ls[i]);
-      }
-    }
-    double *wide =
-        (double *)(ws + lay->wide +
-                   (lay->wide_per_slot
-                        ? 0
-                        : (size_t)omp_get_thread_num() * lay->per_thread));
+    FN(row_stats_all)(p, (const int64_t *)(ws + lay->slot), row_m, row_ls);
+    double *o = (double *)(ws + lay->wide +
+                           (size_t)omp_get_thread_num() * lay->per_thread);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < nslots; ++c) {
-      double *o = lay->wide_per_slot ? wide + c * cols : wide;
-      memset(o, 0, (size_t)cols * sizeof(double));
-      for (int64_t t = start[c]; t < start[c + 1]; ++t) {
-        const int64_t i = order[t];
-        FN(accumulate_wide)(o, logits + i * p->logits_stride, cols, k, k2,
-                            (ACC_T)row_m[i], row_ls[i]);
-      }
-      const double inv_n = 1.0 / (double)(start[c + 1] - start[c]);
+      const double inv_n =
+          FN(class_mean)(p, order, start[c], start[c + 1], row_m, row_ls, o);
       ACC_T *row = means + c * cols;
       for (int64_t j = 0; j < cols; ++j) {
         row[j] = (ACC_T)(o[j] * inv_n);
@@ -516,31 +500,46 @@ static mcmi_status FN(loss)(const mcmi_problem *p, const loss_layout *lay,
   return MCMI_OK;
 }
 
-/* The EMA update of mcmi_cpu_ema_update, on a batch-mode loss layout. */
+/* The EMA update of mcmi_cpu_ema_update, on an EMA layout: each class
+ * present blends its batch mean, formed in the thread's double row, into
+ * its centroid row. */
 static void FN(ema_update)(const mcmi_problem *p, const loss_layout *lay,
                            double momentum, ACC_T *q, int64_t q_stride,
                            uint8_t *seen, char *ws, int nt) {
   const int64_t cols = p->cols;
-  FN(batch_means)(p, lay, ws, nt);
   const int64_t *map = (const int64_t *)(ws + lay->class_map);
-  const ACC_T *means = (const ACC_T *)(ws + lay->batch_q);
+  const int64_t *start = (const int64_t *)(ws + lay->slot_count);
+  const int64_t *order = (const int64_t *)(ws + lay->order);
+  double *row_m = (double *)(ws + lay->row_val);
+  double *row_ls = (double *)(ws + lay->row_qsum);
   const ACC_T mom = (ACC_T)momentum;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < p->classes; ++c) {
-    const int64_t slot = map[c];
-    if (slot < 0) {
-      continue;
-    }
-    const ACC_T *b = means + slot * cols;
-    ACC_T *row = q + c * q_stride;
-    if (seen[c]) {
-      for (int64_t j = 0; j < cols; ++j) {
-        row[j] += mom * (b[j] - row[j]);
+  group_rows(p, lay, ws);
+
+#pragma omp parallel num_threads(nt)
+  {
+    FN(row_stats_all)(p, (const int64_t *)(ws + lay->slot), row_m, row_ls);
+    double *o = (double *)(ws + lay->wide +
+                           (size_t)omp_get_thread_num() * lay->per_thread);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < p->classes; ++c) {
+      const int64_t slot = map[c];
+      if (slot < 0) {
+        continue;
       }
-    } else {
-      memcpy(row, b, (size_t)cols * sizeof(ACC_T));
+      const double inv_n = FN(class_mean)(p, order, start[slot],
+                                          start[slot + 1], row_m, row_ls, o);
+      ACC_T *row = q + c * q_stride;
+      if (seen[c]) {
+        for (int64_t j = 0; j < cols; ++j) {
+          row[j] += mom * ((ACC_T)(o[j] * inv_n) - row[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < cols; ++j) {
+          row[j] = (ACC_T)(o[j] * inv_n);
+        }
+      }
+      seen[c] = 1;
     }
-    seen[c] = 1;
   }
 }
 

@@ -57,16 +57,15 @@ static inline float mcmi_logf(float x) {
   ix = (ix & 0x007FFFFFu) + 0x3F3504F3u;
   const float f = mcmi_f32_from_bits(ix) - 1.0f;
   const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
+  /* The polynomial by Estrin's scheme: a shorter dependency chain than
+   * Horner's, so more elements are in flight at once. */
+  const float z2 = z * z;
+  const float a =
+      7.0376836292e-2f * z2 + ((-1.1514610310e-1f * f + 1.1676998740e-1f) * z +
+                               (-1.2420140846e-1f * f + 1.4249322787e-1f));
+  const float b = (-1.6668057665e-1f * f + 2.0000714765e-1f) * z +
+                  (-2.4999993993e-1f * f + 3.3333331174e-1f);
+  float y = (a * z2 + b) * f * z;
   y = y + k * -2.12194440e-4f - 0.5f * z;
   const float result = f + y + k * 0.693359375f;
   return x != x ? x : result;
@@ -80,15 +79,14 @@ static inline float mcmi_logf(float x) {
  * double root at 0, so it is formed without cancellation.
  */
 static inline float mcmi_kl_g_f32(float x) {
-  float p = 2.2045855379188714e-05f;
-  p = p * x + 1.7361111111111112e-04f;
-  p = p * x + 1.1904761904761906e-03f;
-  p = p * x + 6.9444444444444444e-03f;
-  p = p * x + 3.3333333333333333e-02f;
-  p = p * x + 0.125f;
-  p = p * x + 0.33333333333333333f;
-  p = p * x + 0.5f;
-  return p * x * x;
+  /* Estrin's scheme, as in mcmi_logf. */
+  const float x2 = x * x;
+  const float hi =
+      (2.2045855379188714e-05f * x + 1.7361111111111112e-04f) * x2 +
+      (1.1904761904761906e-03f * x + 6.9444444444444444e-03f);
+  const float lo = (3.3333333333333333e-02f * x + 0.125f) * x2 +
+                   (0.33333333333333333f * x + 0.5f);
+  return (hi * (x2 * x2) + lo) * x2;
 }
 
 static inline double mcmi_kl_g_f64(double x) {

@@ -73,12 +73,13 @@ void ema_update_cpu(Tensor centroids, Tensor seen, Tensor logits, Tensor target,
   Inputs in = ema_inputs(centroids, seen, logits, target, temperature, momentum,
                          ignore_index);
   const mcmi_problem &p = in.problem;
-  Tensor ws = workspace(logits, mcmi_cpu_ema_workspace(&p));
+  const int threads = torch_threads();
+  Tensor ws = workspace(logits, mcmi_cpu_ema_workspace(&p, threads));
   int64_t bad = -1;
   const mcmi_status st = mcmi_cpu_ema_update(
       &p, momentum, centroids.mutable_data_ptr(), centroids.stride(0),
       static_cast<uint8_t *>(seen.mutable_data_ptr()), ws.mutable_data_ptr(),
-      torch_threads(), &bad);
+      threads, &bad);
   check_status(st, bad, p.classes, ignore_index);
 }
 

@@ -374,7 +374,7 @@ static void check_class_sums_and_ema(int64_t rows, int64_t cols, int64_t k,
   }
   void *dq = to_device(q, es * (size_t)(k * cols));
   void *dseen = to_device(seen, (size_t)k);
-  void *ews = cpu_ws(mcmi_cpu_ema_workspace(&p));
+  void *ews = cpu_ws(mcmi_cpu_ema_workspace(&p, 2));
   CHECK(mcmi_cpu_ema_update(&p, 0.25, q, cols, seen, ews, 2, &bad) == MCMI_OK,
         "cpu ema");
   free(ews);
@@ -475,7 +475,7 @@ static void check_bad_input(void) {
             memcmp(gseen, seen, sizeof seen) == 0,
         "cuda ema with a bad label: bad row %lld, must change nothing",
         (long long)gbad);
-  ws = cpu_ws(mcmi_cpu_ema_workspace(&p));
+  ws = cpu_ws(mcmi_cpu_ema_workspace(&p, 2));
   CHECK(mcmi_cpu_ema_update(&p, 0.5, q, cols, seen, ws, 2, &bad) ==
                 MCMI_ERROR_TARGET &&
             bad == 2,

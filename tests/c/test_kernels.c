@@ -463,7 +463,7 @@ static void test_ema_update(void) {
   }
   memcpy(q3, q, sizeof q);
   memcpy(seen3, seen, sizeof seen);
-  void *ws = aligned_alloc(64, (mcmi_cpu_ema_workspace(&p) + 127) / 64 * 64);
+  void *ws = aligned_alloc(64, (mcmi_cpu_ema_workspace(&p, 3) + 127) / 64 * 64);
   int64_t bad;
   CHECK(mcmi_cpu_ema_update(&p, 0.3, q, 11, seen, ws, 1, &bad) == MCMI_OK,
         "ema status");
@@ -532,7 +532,7 @@ static void test_size_overflow(void) {
     CHECK(mcmi_cpu_loss(&h, loss, 1, grad, 3, ws, 2, &bad) ==
               MCMI_ERROR_ARGUMENT,
           "loss with classes %lld not refused", (long long)huge[k]);
-    CHECK(mcmi_cpu_ema_workspace(&h) == 0, "ema workspace not refused");
+    CHECK(mcmi_cpu_ema_workspace(&h, 1) == 0, "ema workspace not refused");
     CHECK(mcmi_cpu_ema_update(&h, 0.5, q, 3, seen, ws, 1, &bad) ==
               MCMI_ERROR_ARGUMENT,
           "ema update with classes %lld not refused", (long long)huge[k]);
