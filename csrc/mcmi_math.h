@@ -17,6 +17,13 @@
 
 #include "mcmi_dtype.h"
 
+/* The series of g is shared with the CUDA kernels. */
+#ifdef __CUDACC__
+#define MCMI_HOST_DEVICE __host__ __device__
+#else
+#define MCMI_HOST_DEVICE
+#endif
+
 /*
  * e^x for x <= 88.376 (2^127.5; the kernels only take exp of numbers <= 0).
  * NaN gives NaN, x < -87.3 gives 0 (results below FLT_MIN are flushed to
@@ -78,7 +85,7 @@ static inline float mcmi_logf(float x) {
  * is sum_j Q_j g(log(P_j / Q_j)) - (sum_j Q_j - 1) (docs/math.md); g has a
  * double root at 0, so it is formed without cancellation.
  */
-static inline float mcmi_kl_g_f32(float x) {
+static inline MCMI_HOST_DEVICE float mcmi_kl_g_f32(float x) {
   /* Estrin's scheme, as in mcmi_logf. */
   const float x2 = x * x;
   const float hi =
@@ -89,7 +96,7 @@ static inline float mcmi_kl_g_f32(float x) {
   return (hi * (x2 * x2) + lo) * x2;
 }
 
-static inline double mcmi_kl_g_f64(double x) {
+static inline MCMI_HOST_DEVICE double mcmi_kl_g_f64(double x) {
   double p = 4.498331606952833e-14;
   p = p * x + 7.169215998581078e-13;
   p = p * x + 1.0706029224547743e-11;

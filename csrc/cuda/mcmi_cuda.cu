@@ -8,11 +8,13 @@
  * online-softmax partials over its strided columns, relative to its running
  * maximum (see Partial); the group combines them in a fixed order
  * (butterfly shuffles, then warps in index order), so results are bitwise
- * repeatable. The gradient is written in a second pass over the row, which
- * mostly hits L2. Class sums: integer counts, compact slots for the classes
- * present, the rows of each slot in row order (one block, O(rows + classes)
- * work), then a block per (slot, 32 columns) whose warps sum interleaved
- * rows and add their partials in warp order: no floating-point atomics.
+ * repeatable. A second pass forms the KL as sum_j Q'_j g(x_j) - (sum Q' - 1)
+ * with x_j = log(P_j / Q'_j) (docs/math.md, "A KL without cancellation"),
+ * and the gradient is written in a third; both mostly hit L2. Class sums:
+ * integer counts, compact slots for the classes present, the rows of each slot
+ * in row order (one block, O(rows + classes) work), then a block per (slot, 32
+ * columns) whose warps sum interleaved rows and add their partials in warp
+ * order: no floating-point atomics.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,6 +23,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "../mcmi_math.h"
 #include "mcmi_cuda.h"
 
 namespace {
@@ -60,34 +63,36 @@ __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
+__device__ __forceinline__ float kl_g(float x) { return mcmi_kl_g_f32(x); }
+__device__ __forceinline__ double kl_g(double x) { return mcmi_kl_g_f64(x); }
+/* The smallest normal number of A. */
+__device__ __forceinline__ float tiny_of(float) { return 1.17549435e-38f; }
+__device__ __forceinline__ double tiny_of(double) {
+  return 2.2250738585072014e-308;
+}
 
 /* Online-softmax partial over some columns of a row, relative to its
- * running maximum m of z (logit units): with d_j = (z_j - m) k,
- * s = sum e^{d_j} and a = sum e^{d_j} (d_j - lq_j); q = sum of the
- * centroid entries (their row-sum check). s == 0 only when empty; a NaN or
- * -inf logit makes s NaN (as on the CPU), and NaN survives every combine. */
+ * running maximum m of z (logit units): s = sum e^{(z_j - m) k}. s == 0
+ * only when empty; a NaN or -inf logit makes s NaN (as on the CPU), and NaN
+ * survives every combine. */
 template <typename A> struct Partial {
-  A m, s, a, q;
+  A m, s;
 };
 
 template <typename A> __device__ __forceinline__ Partial<A> empty_partial() {
-  return Partial<A>{-(A)INFINITY, (A)0, (A)0, (A)0};
+  return Partial<A>{-(A)INFINITY, (A)0};
 }
 
-/* Adds column value z (scale k = 1/T) with log-centroid lq. */
+/* Adds column value z (scale k = 1/T). */
 template <typename A>
-__device__ __forceinline__ void push(Partial<A> &p, A z, A k, A lq) {
+__device__ __forceinline__ void push(Partial<A> &p, A z, A k) {
   if (z > p.m) {
     if (p.s != (A)0) {
-      const A d = (p.m - z) * k, r = dexp(d);
-      p.a = r * (p.a + p.s * d);
-      p.s *= r;
+      p.s *= dexp((p.m - z) * k);
     }
     p.m = z;
   }
-  const A d = (z - p.m) * k, e = dexp(d);
-  p.s += e;
-  p.a += e * (d - lq);
+  p.s += dexp((z - p.m) * k);
 }
 
 /* x then y, both relative to the larger maximum. Callers pass the partials
@@ -96,16 +101,13 @@ __device__ __forceinline__ void push(Partial<A> &p, A z, A k, A lq) {
 template <typename A>
 __device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y, A k) {
   if (y.s == (A)0) {
-    return Partial<A>{x.m, x.s, x.a, x.q + y.q};
+    return x;
   }
   if (x.s == (A)0) {
-    return Partial<A>{y.m, y.s, y.a, x.q + y.q};
+    return y;
   }
   const A m = x.m > y.m ? x.m : y.m;
-  const A dx = (x.m - m) * k, dy = (y.m - m) * k;
-  const A rx = dexp(dx), ry = dexp(dy);
-  return Partial<A>{m, x.s * rx + y.s * ry,
-                    rx * (x.a + x.s * dx) + ry * (y.a + y.s * dy), x.q + y.q};
+  return Partial<A>{m, x.s * dexp((x.m - m) * k) + y.s * dexp((y.m - m) * k)};
 }
 
 /* Combines the partials of a group of GROUP threads; every thread of the
@@ -119,8 +121,6 @@ __device__ Partial<A> group_reduce(Partial<A> p, A k, Partial<A> *shared) {
     Partial<A> o;
     o.m = __shfl_xor_sync(0xffffffffu, p.m, off);
     o.s = __shfl_xor_sync(0xffffffffu, p.s, off);
-    o.a = __shfl_xor_sync(0xffffffffu, p.a, off);
-    o.q = __shfl_xor_sync(0xffffffffu, p.q, off);
     p = (lane & off) ? combine(o, p, k) : combine(p, o, k);
   }
   if (GROUP <= kWarp) {
@@ -138,23 +138,58 @@ __device__ Partial<A> group_reduce(Partial<A> p, A k, Partial<A> *shared) {
   return r;
 }
 
-/* log max(q, floor) (a NaN entry stays NaN), or q itself when the centroids
- * are logs already. */
-template <typename A>
-__device__ __forceinline__ A log_centroid(A v, int is_log, A floor) {
-  return is_log ? v : dlog(v < floor ? floor : v);
-}
-
-/* A row's log-normalizer ls = log s and KL term from its combined partial
- * (all relative to the row maximum): the one place the KL formula lives. */
-template <typename A> struct RowKL {
-  A ls, kl;
+/* Sums of the KL pass over some columns of a row: g = sum_j Q'_j g(x_j)
+ * and q = sum_j Q'_j, in double (the KL subtracts sum Q' - 1, which must be
+ * exact to far below the KL itself). */
+template <typename A> struct KLPart {
+  A g;
+  double q;
 };
 
+/* Adds the KL sums of a group of GROUP threads, as group_reduce; addition
+ * commutes, so every thread of the group gets the same bits. */
+template <typename A, int GROUP>
+__device__ KLPart<A> group_sum(KLPart<A> v, KLPart<A> *shared) {
+  constexpr int lanes = GROUP < kWarp ? GROUP : kWarp;
+  for (int off = lanes / 2; off > 0; off /= 2) {
+    v.g += __shfl_xor_sync(0xffffffffu, v.g, off);
+    v.q += __shfl_xor_sync(0xffffffffu, v.q, off);
+  }
+  if (GROUP <= kWarp) {
+    return v;
+  }
+  if (threadIdx.x % kWarp == 0) {
+    shared[threadIdx.x / kWarp] = v;
+  }
+  __syncthreads();
+  KLPart<A> r = shared[0];
+  for (int w = 1; w < GROUP / kWarp; ++w) {
+    r.g += shared[w].g;
+    r.q += shared[w].q;
+  }
+  __syncthreads();
+  return r;
+}
+
+/* The centroid entry the KL uses, Q'_j = max(Q_j, floor) (from log Q_j
+ * when the centroids are logs); a NaN entry stays NaN. */
 template <typename A>
-__device__ __forceinline__ RowKL<A> finalize_kl(const Partial<A> &p) {
-  const A ls = dlog(p.s);
-  return RowKL<A>{ls, p.a / p.s - ls};
+__device__ __forceinline__ A centroid_entry(A v, int is_log, A floor) {
+  const A q = is_log ? dexp(v) : v;
+  return q < floor ? floor : q;
+}
+
+/* x_j = log(P_j / Q'_j), from the ratio (P below the smallest normal
+ * ratio gives a finite x). */
+template <typename A> __device__ __forceinline__ A log_ratio(A pj, A qj) {
+  const A ratio = pj / qj;
+  return dlog(ratio < tiny_of(ratio) ? tiny_of(ratio) : ratio);
+}
+
+/* Q'_j g(x_j): the series of g for |x| < 1/2, else the direct form
+ * (x - 1) P + Q' (as the CPU kernels). */
+template <typename A> __device__ __forceinline__ A kl_term(A pj, A qj, A x) {
+  return x < (A)0.5 && x > (A)-0.5 ? qj * kl_g(x) : (x - (A)1) * pj + qj;
 }
 
 /* The centroid row of a valid row with label y: in-batch means by slot, the
@@ -176,15 +211,19 @@ template <typename A> struct RowSetup {
   int is_log;    /* centroids hold logs */
   bool check_q;  /* given centroids: check that the row sums to 1 */
   bool separate; /* CE needs its own softmax (T != 1) */
+  bool batch;    /* in-batch means: the KL is taken against Q' / sum Q' */
 };
 
 template <typename A>
 __device__ __forceinline__ RowSetup<A> row_setup(const mcmi_problem &p,
                                                  bool batch) {
   const int is_log = batch ? 0 : p.log_centroids;
-  return RowSetup<A>{(A)(1.0 / p.temperature), (A)p.floor, is_log,
+  return RowSetup<A>{(A)(1.0 / p.temperature),
+                     (A)p.floor,
+                     is_log,
                      !batch && !is_log,
-                     p.ce_weight != 0.0 && p.temperature != 1.0};
+                     p.ce_weight != 0.0 && p.temperature != 1.0,
+                     batch};
 }
 
 /* 16 bytes of T, for vector loads and stores. */
@@ -196,23 +235,14 @@ __device__ __forceinline__ bool aligned16(const void *x) {
   return ((uintptr_t)x & 15u) == 0;
 }
 
-/* Pushes columns [begin, end) of row z into the partials (at_one: the
- * softmax at T = 1 of the CE term, when separate), shared among `group`
- * threads of which this is `lane`: in 16-byte vectors when z + begin is
- * 16-byte aligned (then a scalar tail), else one column at a time. */
-template <typename T, typename A>
-__device__ void accumulate_row(const T *z, const A *q, const RowSetup<A> &su,
-                               int64_t begin, int64_t end, int lane, int group,
-                               Partial<A> &main, Partial<A> &at_one) {
+/* Calls f(z_j, j) for the columns [begin, end) of row z shared among
+ * `group` threads of which this is `lane`: in 16-byte vectors when z + begin
+ * is 16-byte aligned (then a scalar tail), else one column at a time. */
+template <typename T, typename F>
+__device__ __forceinline__ void each_column(const T *z, int64_t begin,
+                                            int64_t end, int lane, int group,
+                                            F &&f) {
   constexpr int V = 16 / sizeof(T);
-  const auto column = [&](A zj, int64_t j) {
-    const A qj = q ? q[j] : (A)NAN;
-    push(main, zj, su.inv_t, log_centroid(qj, su.is_log, su.qfloor));
-    main.q += qj;
-    if (su.separate) {
-      push(at_one, zj, (A)1, (A)0);
-    }
-  };
   int64_t tail = begin;
   if (aligned16(z + begin)) {
     const int64_t nv = (end - begin) / V;
@@ -220,21 +250,52 @@ __device__ void accumulate_row(const T *z, const A *q, const RowSetup<A> &su,
     for (int64_t k = lane; k < nv; k += group) {
       const Vec<T> w = zv[k];
       for (int e = 0; e < V; ++e) {
-        column(load(w.v[e]), begin + k * V + e);
+        f(load(w.v[e]), begin + k * V + e);
       }
     }
     tail = begin + nv * V;
   }
   for (int64_t j = tail + lane; j < end; j += group) {
-    column(load(z[j]), j);
+    f(load(z[j]), j);
   }
 }
 
+/* Pushes columns [begin, end) of row z into the partials (at_one: the
+ * softmax at T = 1 of the CE term, when separate), shared as in
+ * each_column. */
+template <typename T, typename A>
+__device__ void accumulate_row(const T *z, const RowSetup<A> &su, int64_t begin,
+                               int64_t end, int lane, int group,
+                               Partial<A> &main, Partial<A> &at_one) {
+  each_column(z, begin, end, lane, group, [&](A zj, int64_t) {
+    push(main, zj, su.inv_t);
+    if (su.separate) {
+      push(at_one, zj, (A)1);
+    }
+  });
+}
+
+/* The KL pass over columns [begin, end) of row z, given the row's maximum
+ * m and inv_s = 1 / sum: P_j = e^{(z_j - m) / T} inv_s. */
+template <typename T, typename A>
+__device__ KLPart<A> kl_columns(const T *z, const A *q, const RowSetup<A> &su,
+                                A m, A inv_s, int64_t begin, int64_t end,
+                                int lane, int group) {
+  KLPart<A> sum{(A)0, 0.0};
+  each_column(z, begin, end, lane, group, [&](A zj, int64_t j) {
+    const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
+    const A pj = dexp((zj - m) * su.inv_t) * inv_s;
+    sum.g += kl_term(pj, qj, log_ratio(pj, qj));
+    sum.q += (double)qj;
+  });
+  return sum;
+}
+
 /* A valid row's value and what its gradient needs, from its combined
- * partials. A label out of range, or a given centroid row that does not
- * sum to 1, makes the row NaN. */
+ * partials and KL sums. A label out of range, or a given centroid row
+ * that does not sum to 1, makes the row NaN. */
 template <typename A> struct RowResult {
-  A m, ls, kl, ls1;
+  A m, s, inv_s, kl, ls1;
   int nan_row;
   double value;
 };
@@ -242,24 +303,32 @@ template <typename A> struct RowResult {
 template <typename T, typename A>
 __device__ RowResult<A>
 row_result(const mcmi_problem &p, const T *z, int64_t y, const RowSetup<A> &su,
-           const Partial<A> &main, const Partial<A> &at_one) {
+           const Partial<A> &main, const Partial<A> &at_one,
+           const KLPart<A> &part) {
   const bool bad = y < 0 || y >= p.classes;
-  const RowKL<A> r = finalize_kl(main);
-  const A ls1 = su.separate ? dlog(at_one.s) : r.ls;
-  const bool q_off = su.check_q && !(fabs((double)main.q - 1.0) <=
-                                     MCMI_CENTROID_SUM_TOLERANCE);
+  const A ls1 = dlog(su.separate ? at_one.s : main.s);
+  const double qs = part.q;
+  /* In-batch means sum to 1 in exact arithmetic: their KL is taken against
+   * Q' / sum Q' (adding log sum Q'), which removes the rounding of their
+   * sum; given centroids are used as they are. */
+  const double kl =
+      (double)part.g - (qs - 1.0) + (su.batch ? log1p(qs - 1.0) : 0.0);
+  const bool q_off =
+      su.check_q && !(fabs(qs - 1.0) <= MCMI_CENTROID_SUM_TOLERANCE);
   const bool want_ce = p.ce_weight != 0.0;
   const A ce = want_ce && !bad ? (main.m - load(z[y])) + ls1 : (A)0;
   const bool nan_row = bad || q_off;
   const double value =
-      nan_row ? (double)NAN
-              : p.ce_weight * (double)ce + p.cmi_weight * (double)r.kl;
-  return RowResult<A>{main.m, r.ls, r.kl, ls1, nan_row ? 1 : 0, value};
+      nan_row ? (double)NAN : p.ce_weight * (double)ce + p.cmi_weight * kl;
+  return RowResult<A>{main.m, main.s,          (A)1 / main.s, (A)kl,
+                      ls1,    nan_row ? 1 : 0, value};
 }
 
 /* Writes columns [begin, end) of a valid row's gradient,
- * d(loss)/dz_j = kc P_j (log P_j - log q_j - KL) + kce (P1_j - [j == y]),
- * shared as in accumulate_row (vectors when z and g are both aligned). */
+ * d(loss)/dz_j = kc P_j (x_j - KL) + kce (P1_j - [j == y]),
+ * shared as in each_column (vectors when z and g are both aligned). With
+ * s == 1 the softmax is one-hot to working precision: the true KL gradient
+ * of the row is below the rounding error of x - KL at the maximum. */
 template <typename T, typename A>
 __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
                            int64_t y, const RowSetup<A> &su,
@@ -269,15 +338,13 @@ __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
   const int64_t n = *valid;
   const double norm =
       (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
-  const A kc = (A)(p.cmi_weight / (p.temperature * norm));
+  const A kc = r.s == (A)1 ? (A)0 : (A)(p.cmi_weight / (p.temperature * norm));
   const A kce = (A)(p.ce_weight / norm);
-  const A shift = r.ls + r.kl;
   const auto grad_of = [&](A zj, int64_t j) {
-    const A d = (zj - r.m) * su.inv_t;
-    const A lq = q ? log_centroid(q[j], su.is_log, su.qfloor) : (A)NAN;
-    const A pj = dexp(d - r.ls);
+    const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
+    const A pj = dexp((zj - r.m) * su.inv_t) * r.inv_s;
     const A p1 = su.separate ? dexp((zj - r.m) - r.ls1) : pj;
-    A v = kc * pj * ((d - lq) - shift) + kce * p1;
+    A v = kc * pj * (log_ratio(pj, qj) - r.kl) + kce * p1;
     if (j == y) {
       v -= kce;
     }
@@ -331,6 +398,7 @@ __global__ void __launch_bounds__(kThreads)
               T *rows_out, int64_t rows_stride, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
+  __shared__ KLPart<A> kl_shared[kThreads / kWarp];
   const int64_t row =
       (int64_t)blockIdx.x * (kThreads / GROUP) + threadIdx.x / GROUP;
   const int lane = (int)(threadIdx.x % GROUP);
@@ -348,12 +416,15 @@ __global__ void __launch_bounds__(kThreads)
   const A *q = row_centroids(p, q_batch, slot_of, y);
   const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
-  accumulate_row(z, q, su, 0, p.cols, lane, GROUP, main, at_one);
+  accumulate_row(z, su, 0, p.cols, lane, GROUP, main, at_one);
   main = group_reduce<A, GROUP>(main, su.inv_t, shared);
   if (su.separate) {
     at_one = group_reduce<A, GROUP>(at_one, (A)1, shared);
   }
-  const RowResult<A> r = row_result(p, z, y, su, main, at_one);
+  const KLPart<A> part = group_sum<A, GROUP>(
+      kl_columns(z, q, su, main.m, (A)1 / main.s, 0, p.cols, lane, GROUP),
+      kl_shared);
+  const RowResult<A> r = row_result(p, z, y, su, main, at_one, part);
   if (lane == 0) {
     row_val[row] = r.value;
     if (rows_out) {
@@ -371,43 +442,96 @@ struct Split {
   int64_t splits, chunk;
 };
 
+/* What block (s, row) of a split-row launch works on: its row, the row's
+ * label, and columns [begin, end). */
+struct SplitChunk {
+  int64_t row, y, begin, end;
+};
+
+__device__ __forceinline__ SplitChunk split_chunk(const mcmi_problem &p,
+                                                  Split sp) {
+  const int64_t row = blockIdx.y, begin = (int64_t)blockIdx.x * sp.chunk;
+  return SplitChunk{row, p.target[row * p.target_stride], begin,
+                    begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols};
+}
+
 /* Pass 1: block (s, row) reduces its chunk to partials parts[row][s][0..1]
  * (main, at_one). */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    split_partials(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
-                   const int64_t *slot_of, Split sp,
+    split_partials(const mcmi_problem p, bool batch, Split sp,
                    Partial<typename AccOf<T>::type> *parts) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
-  const int64_t row = blockIdx.y, s = blockIdx.x;
-  const int64_t y = p.target[row * p.target_stride];
-  if (y == p.ignore_index) {
+  const SplitChunk c = split_chunk(p, sp);
+  if (c.y == p.ignore_index) {
     return; /* uniform over the block */
   }
-  const T *z = (const T *)p.logits + row * p.logits_stride;
-  const A *q = row_centroids(p, q_batch, slot_of, y);
-  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
-  const int64_t begin = s * sp.chunk;
-  const int64_t end = begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols;
+  const T *z = (const T *)p.logits + c.row * p.logits_stride;
+  const RowSetup<A> su = row_setup<A>(p, batch);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
-  accumulate_row(z, q, su, begin, end, (int)threadIdx.x, kThreads, main,
+  accumulate_row(z, su, c.begin, c.end, (int)threadIdx.x, kThreads, main,
                  at_one);
   main = group_reduce<A, kThreads>(main, su.inv_t, shared);
   if (su.separate) {
     at_one = group_reduce<A, kThreads>(at_one, (A)1, shared);
   }
   if (threadIdx.x == 0) {
-    parts[(row * sp.splits + s) * 2] = main;
-    parts[(row * sp.splits + s) * 2 + 1] = at_one;
+    parts[(c.row * sp.splits + blockIdx.x) * 2] = main;
+    parts[(c.row * sp.splits + blockIdx.x) * 2 + 1] = at_one;
   }
 }
 
-/* Pass 2, a thread per row: combines the row's partials in chunk order
- * into its value (row_val, rows_out) and results[row]. */
+/* Pass 2, a thread per row: combines the row's partials in chunk order,
+ * into parts[row][0][0..1]. */
+template <typename T>
+__global__ void split_softmax(const mcmi_problem p, Split sp,
+                              Partial<typename AccOf<T>::type> *parts) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (row >= p.rows || p.target[row * p.target_stride] == p.ignore_index) {
+    return;
+  }
+  const A inv_t = (A)(1.0 / p.temperature);
+  Partial<A> *mine = parts + row * sp.splits * 2;
+  for (int64_t s = 1; s < sp.splits; ++s) {
+    mine[0] = combine(mine[0], mine[2 * s], inv_t);
+    mine[1] = combine(mine[1], mine[2 * s + 1], (A)1);
+  }
+}
+
+/* Pass 3: block (s, row) forms the KL sums of its chunk, kl_parts[row][s]. */
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    split_kl(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
+             const int64_t *slot_of, Split sp,
+             const Partial<typename AccOf<T>::type> *parts,
+             KLPart<typename AccOf<T>::type> *kl_parts) {
+  using A = typename AccOf<T>::type;
+  __shared__ KLPart<A> kl_shared[kThreads / kWarp];
+  const SplitChunk c = split_chunk(p, sp);
+  if (c.y == p.ignore_index) {
+    return; /* uniform over the block */
+  }
+  const T *z = (const T *)p.logits + c.row * p.logits_stride;
+  const A *q = row_centroids(p, q_batch, slot_of, c.y);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  const Partial<A> main = parts[c.row * sp.splits * 2];
+  const KLPart<A> part = group_sum<A, kThreads>(
+      kl_columns(z, q, su, main.m, (A)1 / main.s, c.begin, c.end,
+                 (int)threadIdx.x, kThreads),
+      kl_shared);
+  if (threadIdx.x == 0) {
+    kl_parts[c.row * sp.splits + blockIdx.x] = part;
+  }
+}
+
+/* Pass 4, a thread per row: adds the row's KL sums in chunk order into its
+ * value (row_val, rows_out) and results[row]. */
 template <typename T>
 __global__ void split_results(const mcmi_problem p, bool batch, Split sp,
                               const Partial<typename AccOf<T>::type> *parts,
+                              const KLPart<typename AccOf<T>::type> *kl_parts,
                               RowResult<typename AccOf<T>::type> *results,
                               double *row_val, T *rows_out,
                               int64_t rows_stride) {
@@ -422,14 +546,16 @@ __global__ void split_results(const mcmi_problem p, bool batch, Split sp,
     return;
   }
   const RowSetup<A> su = row_setup<A>(p, batch);
-  const Partial<A> *mine = parts + row * sp.splits * 2;
-  Partial<A> main = mine[0], at_one = mine[1];
+  const KLPart<A> *mine = kl_parts + row * sp.splits;
+  KLPart<A> part = mine[0];
   for (int64_t s = 1; s < sp.splits; ++s) {
-    main = combine(main, mine[2 * s], su.inv_t);
-    at_one = combine(at_one, mine[2 * s + 1], (A)1);
+    part.g += mine[s].g;
+    part.q += mine[s].q;
   }
   const T *z = (const T *)p.logits + row * p.logits_stride;
-  const RowResult<A> r = row_result(p, z, y, su, main, at_one);
+  const Partial<A> *combined = parts + row * sp.splits * 2;
+  const RowResult<A> r =
+      row_result(p, z, y, su, combined[0], combined[1], part);
   results[row] = r;
   row_val[row] = r.value;
   if (rows_out) {
@@ -437,7 +563,7 @@ __global__ void split_results(const mcmi_problem p, bool batch, Split sp,
   }
 }
 
-/* Pass 3: block (s, row) writes its chunk of the gradient. */
+/* Pass 5: block (s, row) writes its chunk of the gradient. */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     split_grad(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
@@ -445,20 +571,17 @@ __global__ void __launch_bounds__(kThreads)
                const RowResult<typename AccOf<T>::type> *results,
                const int64_t *valid, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
-  const int64_t row = blockIdx.y, s = blockIdx.x;
-  const int64_t begin = s * sp.chunk;
-  const int64_t end = begin + sp.chunk < p.cols ? begin + sp.chunk : p.cols;
-  const int64_t y = p.target[row * p.target_stride];
-  const T *z = (const T *)p.logits + row * p.logits_stride;
-  T *g = grad + row * grad_stride;
-  if (y == p.ignore_index) {
-    ignored_row<T>(row, nullptr, nullptr, 0, g, begin + threadIdx.x, end,
+  const SplitChunk c = split_chunk(p, sp);
+  const T *z = (const T *)p.logits + c.row * p.logits_stride;
+  T *g = grad + c.row * grad_stride;
+  if (c.y == p.ignore_index) {
+    ignored_row<T>(c.row, nullptr, nullptr, 0, g, c.begin + threadIdx.x, c.end,
                    kThreads, false);
     return;
   }
-  const A *q = row_centroids(p, q_batch, slot_of, y);
+  const A *q = row_centroids(p, q_batch, slot_of, c.y);
   const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
-  write_grad(p, z, q, y, su, results[row], valid, g, begin, end,
+  write_grad(p, z, q, c.y, su, results[c.row], valid, g, c.begin, c.end,
              (int)threadIdx.x, kThreads);
 }
 
@@ -566,7 +689,7 @@ __global__ void __launch_bounds__(kThreads)
   const A inv_t = (A)(1.0 / p.temperature);
   Partial<A> part = empty_partial<A>();
   for (int64_t j = threadIdx.x % GROUP; j < p.cols; j += GROUP) {
-    push(part, load(z[j]), inv_t, (A)0);
+    push(part, load(z[j]), inv_t);
   }
   part = group_reduce<A, GROUP>(part, inv_t, shared);
   if (threadIdx.x % GROUP == 0) {
@@ -801,7 +924,7 @@ int64_t max_slots(const mcmi_problem *p) {
  * results. */
 struct Layout {
   size_t valid, row_val, row_m, row_ls, counts, slot_of, slot_class, slot_count,
-      slot_offset, cursor, used, order, means, parts, results, total;
+      slot_offset, cursor, used, order, means, parts, kl_parts, results, total;
 };
 
 /* The split-row path serves fewer than kSplitMaxRows rows of at least
@@ -852,6 +975,7 @@ Layout make_layout(const mcmi_problem *p, bool means) {
   const Split sp = split_plan(p);
   const size_t split_rows = sp.splits > 1 ? rows : 0;
   l.parts = take(split_rows * (size_t)sp.splits * 2 * sizeof(Partial<double>));
+  l.kl_parts = take(split_rows * (size_t)sp.splits * sizeof(KLPart<double>));
   l.results = take(split_rows * sizeof(RowResult<double>));
   l.total = at;
   return l;
@@ -937,11 +1061,16 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
     }
     if (sp.splits > 1) {
       Partial<A> *parts = (Partial<A> *)(ws + l.parts);
+      KLPart<A> *kl_parts = (KLPart<A> *)(ws + l.kl_parts);
       RowResult<A> *results = (RowResult<A> *)(ws + l.results);
       const dim3 grid((unsigned)sp.splits, (unsigned)p.rows);
-      split_partials<T><<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, parts);
+      split_partials<T><<<grid, kThreads, 0, s>>>(p, batch, sp, parts);
+      split_softmax<T><<<blocks_for(p.rows), kThreads, 0, s>>>(p, sp, parts);
+      split_kl<T>
+          <<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, parts, kl_parts);
       split_results<T><<<blocks_for(p.rows), kThreads, 0, s>>>(
-          p, batch, sp, parts, results, row_val, rows_out, loss_stride);
+          p, batch, sp, parts, kl_parts, results, row_val, rows_out,
+          loss_stride);
       if (grad) {
         split_grad<T><<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, results,
                                                 valid, (T *)grad, grad_stride);

@@ -293,6 +293,71 @@ static void check_loss(loss_case c) {
   free(cl), free(cg), free(gl), free(gg);
 }
 
+/*
+ * Small KLs: rows close to their centroids at T = 10. The CMI term alone,
+ * row by row, float32 on the GPU against the float64 reference: within
+ * 1e-5 relative (absolute floor 1e-9, plus cols x 1e-12 for in-batch means,
+ * which are renormalized after the floor), for given and in-batch
+ * centroids, on a warp, a block and split rows.
+ */
+static void check_small_kl(int64_t rows, int64_t cols, int batch) {
+  const int64_t k = 4;
+  float *z = (float *)malloc(sizeof(float) * (size_t)(rows * cols) + 4);
+  double *z64 = (double *)malloc(sizeof(double) * (size_t)(rows * cols) + 8);
+  double *base = (double *)malloc(sizeof(double) * (size_t)(k * cols));
+  float *q32 = (float *)malloc(sizeof(float) * (size_t)(k * cols));
+  double *q64 = (double *)malloc(sizeof(double) * (size_t)(k * cols));
+  int64_t *y = (int64_t *)malloc(sizeof(int64_t) * (size_t)rows + 8);
+  const double t = 10.0;
+  for (int64_t c = 0; c < k; ++c) {
+    double s = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      base[c * cols + j] = 2.0 * normal();
+      s += exp(base[c * cols + j] / t);
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      q32[c * cols + j] = (float)(exp(base[c * cols + j] / t) / s);
+      q64[c * cols + j] = q32[c * cols + j];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    y[i] = i % k;
+    for (int64_t j = 0; j < cols; ++j) {
+      z[i * cols + j] = (float)(base[y[i] * cols + j] + 0.01 * normal());
+      z64[i * cols + j] = z[i * cols + j];
+    }
+  }
+  mcmi_problem p;
+  memset(&p, 0, sizeof p);
+  p.rows = rows, p.cols = cols, p.classes = k, p.dtype = MCMI_FLOAT32;
+  p.logits = z, p.logits_stride = cols, p.target = y, p.target_stride = 1;
+  p.centroids = batch ? NULL : q32, p.centroids_stride = cols;
+  p.temperature = t, p.ce_weight = 0.0, p.cmi_weight = 1.0, p.floor = 1e-12;
+  p.ignore_index = -100, p.reduction = MCMI_REDUCTION_NONE;
+  double *gl = (double *)calloc((size_t)rows + 1, sizeof(double));
+  double *cl = (double *)calloc((size_t)rows + 1, sizeof(double));
+  double *gg = (double *)calloc((size_t)(rows * cols) + 1, sizeof(double));
+  double *cg = (double *)calloc((size_t)(rows * cols) + 1, sizeof(double));
+  cuda_loss(&p, k * cols * 4, gl, rows, gg);
+  mcmi_problem w = p;
+  w.dtype = MCMI_FLOAT64, w.logits = z64, w.centroids = batch ? NULL : q64;
+  int64_t bad = -1;
+  CHECK(cpu_loss(&w, cl, rows, cg, &bad) == MCMI_OK, "cpu float64 loss");
+  double worst = 0.0, smallest = INFINITY;
+  for (int64_t i = 0; i < rows; ++i) {
+    const double floor = 1e-9 + (batch ? (double)cols * 1e-12 : 0.0);
+    const double err = fabs(gl[i] - cl[i]) / (1e-5 * fabs(cl[i]) + floor);
+    worst = isnan(err) ? INFINITY : fmax(worst, err);
+    smallest = fmin(smallest, cl[i]);
+  }
+  CHECK(worst <= 1.0 && smallest < 1e-3,
+        "small KL %lldx%lld batch %d: error %g of the allowed (smallest KL "
+        "%g)",
+        (long long)rows, (long long)cols, batch, worst, smallest);
+  free(z), free(z64), free(base), free(q32), free(q64), free(y);
+  free(gl), free(cl), free(gg), free(cg);
+}
+
 static float *random_logits(int64_t n, double scale) {
   float *z = (float *)malloc(sizeof(float) * (size_t)(n + 1));
   for (int64_t i = 0; i < n; ++i) {
@@ -551,6 +616,11 @@ int main(void) {
     check_loss(empty);
     empty.reduction = MCMI_REDUCTION_NONE;
     check_loss(empty);
+  }
+  for (int batch = 0; batch < 2; ++batch) {
+    check_small_kl(16, 100, batch);  /* a warp per row */
+    check_small_kl(16, 3000, batch); /* a block per row */
+    check_small_kl(4, 20000, batch); /* split rows */
   }
   check_class_sums_and_ema(200, 37, 11, 0, 0);
   check_class_sums_and_ema(600, 20, 1, 0, 1); /* one class, 3 row chunks */
