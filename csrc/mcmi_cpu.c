@@ -29,16 +29,19 @@
 #else
 #define MCMI_CLONES
 #endif
-/* Elements per block of a row reduction (see mcmi_cpu_impl.h). */
+/* Elements per block of a row reduction (see mcmi_cpu_kernels.inc). */
 #define MCMI_BLOCK 512
 
 /* Helpers of row loops are inlined into every clone, so each gets the
  * clone's instruction set (a call would reach a baseline copy). */
 #define MCMI_INLINE static inline __attribute__((always_inline))
 
-/* Per-block statistics of one row of the loss (mcmi_cpu_impl.h). */
+/* Per-block statistics of one row of the loss (mcmi_cpu_kernels.inc): the
+ * block's maximum logit, its sums of e^{(z - max) / T} and (for a CE term
+ * at T = 1) of e^{z - max}, and the factors that rescale those sums to the
+ * row maximum. */
 typedef struct {
-  double m, s, s1, r, r1;
+  double max, sum, sum_ce, scale, scale_ce;
 } mcmi_block_stat;
 
 /* Byte offsets of the workspace regions of mcmi_cpu_loss. */
@@ -246,6 +249,13 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
   return nslots;
 }
 
+/*
+ * The CPU kernels of each logits type: every block defines all the macros
+ * mcmi_cpu_kernels.inc reads (it undefines them), so no setting carries
+ * over from one type to the next.
+ */
+
+/* float32: loss_f32, class_accumulate_f32, ema_update_f32, scale_rows_f32 */
 #define SFX f32
 #define LOGIT_T float
 #define ACC_T float
@@ -256,38 +266,9 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
 #define KL_G mcmi_kl_g_f32
 #define ACC_MAX FLT_MAX
 #define ACC_TINY FLT_MIN
-#include "mcmi_cpu_impl.h"
-#undef SFX
-#undef LOGIT_T
-#undef LOAD
-#undef STORE
+#include "mcmi_cpu_kernels.inc"
 
-#define SFX bf16
-#define LOGIT_T uint16_t
-#define LOAD(x) mcmi_bf16_load(x)
-#define STORE(x) mcmi_bf16_store(x)
-#include "mcmi_cpu_impl.h"
-#undef SFX
-#undef LOGIT_T
-#undef LOAD
-#undef STORE
-
-#define SFX f16
-#define LOGIT_T uint16_t
-#define LOAD(x) mcmi_f16_load(x)
-#define STORE(x) mcmi_f16_store(x)
-#include "mcmi_cpu_impl.h"
-#undef SFX
-#undef LOGIT_T
-#undef ACC_T
-#undef LOAD
-#undef STORE
-#undef EXP
-#undef LOG
-#undef KL_G
-#undef ACC_MAX
-#undef ACC_TINY
-
+/* float64: loss_f64, class_accumulate_f64, ema_update_f64, scale_rows_f64 */
 #define SFX f64
 #define LOGIT_T double
 #define ACC_T double
@@ -298,17 +279,62 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
 #define KL_G mcmi_kl_g_f64
 #define ACC_MAX DBL_MAX
 #define ACC_TINY DBL_MIN
-#include "mcmi_cpu_impl.h"
-#undef SFX
-#undef LOGIT_T
-#undef ACC_T
-#undef LOAD
-#undef STORE
-#undef EXP
-#undef LOG
-#undef KL_G
-#undef ACC_MAX
-#undef ACC_TINY
+#include "mcmi_cpu_kernels.inc"
+
+/* bfloat16: loss_bf16, class_accumulate_bf16, ema_update_bf16,
+ * scale_rows_bf16 */
+#define SFX bf16
+#define LOGIT_T uint16_t
+#define ACC_T float
+#define LOAD(x) mcmi_bf16_load(x)
+#define STORE(x) mcmi_bf16_store(x)
+#define EXP mcmi_expf
+#define LOG mcmi_logf
+#define KL_G mcmi_kl_g_f32
+#define ACC_MAX FLT_MAX
+#define ACC_TINY FLT_MIN
+#include "mcmi_cpu_kernels.inc"
+
+/* float16: loss_f16, class_accumulate_f16, ema_update_f16, scale_rows_f16 */
+#define SFX f16
+#define LOGIT_T uint16_t
+#define ACC_T float
+#define LOAD(x) mcmi_f16_load(x)
+#define STORE(x) mcmi_f16_store(x)
+#define EXP mcmi_expf
+#define LOG mcmi_logf
+#define KL_G mcmi_kl_g_f32
+#define ACC_MAX FLT_MAX
+#define ACC_TINY FLT_MIN
+#include "mcmi_cpu_kernels.inc"
+
+/* The kernels of one logits type; the entry points below pick a row of
+ * this table once, after checking the dtype. */
+typedef struct {
+  mcmi_status (*loss)(const mcmi_problem *p, const loss_layout *lay,
+                      int64_t valid, void *loss, int64_t loss_stride,
+                      void *grad, int64_t grad_stride, char *ws, int nt,
+                      int64_t *bad_index);
+  void (*class_accumulate)(const mcmi_problem *p, const int64_t *slot,
+                           int64_t nslots, void *sums, int64_t sums_stride,
+                           double *row_m, double *row_ls, int log_probs,
+                           int nt);
+  void (*ema_update)(const mcmi_problem *p, const loss_layout *lay,
+                     double momentum, void *centroids, int64_t centroids_stride,
+                     uint8_t *seen, char *ws, int nt);
+  void (*scale_rows)(void *x, int64_t rows, int64_t cols, int64_t stride,
+                     const void *scale, int64_t scale_stride, int nt);
+} cpu_kernels;
+
+#define MCMI_KERNELS_OF(sfx)                                                   \
+  {loss_##sfx, class_accumulate_##sfx, ema_update_##sfx, scale_rows_##sfx}
+static const cpu_kernels kernels_by_dtype[] = {
+    [MCMI_FLOAT32] = MCMI_KERNELS_OF(f32),
+    [MCMI_FLOAT64] = MCMI_KERNELS_OF(f64),
+    [MCMI_BFLOAT16] = MCMI_KERNELS_OF(bf16),
+    [MCMI_FLOAT16] = MCMI_KERNELS_OF(f16),
+};
+#undef MCMI_KERNELS_OF
 
 mcmi_status mcmi_check_targets(const int64_t *target, int64_t stride,
                                int64_t rows, int64_t classes,
@@ -404,24 +430,8 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
     return MCMI_ERROR_ARGUMENT;
   }
   char *ws = (char *)workspace;
-  switch (p->dtype) {
-  case MCMI_FLOAT32:
-    st = loss_f32(p, &lay, valid, loss, loss_stride, (float *)grad, grad_stride,
-                  ws, nt, &bad);
-    break;
-  case MCMI_FLOAT64:
-    st = loss_f64(p, &lay, valid, loss, loss_stride, (double *)grad,
-                  grad_stride, ws, nt, &bad);
-    break;
-  case MCMI_BFLOAT16:
-    st = loss_bf16(p, &lay, valid, loss, loss_stride, (uint16_t *)grad,
-                   grad_stride, ws, nt, &bad);
-    break;
-  case MCMI_FLOAT16:
-    st = loss_f16(p, &lay, valid, loss, loss_stride, (uint16_t *)grad,
-                  grad_stride, ws, nt, &bad);
-    break;
-  }
+  st = kernels_by_dtype[p->dtype].loss(p, &lay, valid, loss, loss_stride, grad,
+                                       grad_stride, ws, nt, &bad);
   if (st != MCMI_OK && bad_index) {
     *bad_index = bad;
   }
@@ -483,24 +493,8 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
   }
   const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
   const int nt = effective_threads(num_threads, extent, p->cols);
-  switch (p->dtype) {
-  case MCMI_FLOAT32:
-    class_accumulate_f32(p, slot, p->classes, (float *)sums, sums_stride, row_m,
-                         row_ls, log_probs, nt);
-    break;
-  case MCMI_FLOAT64:
-    class_accumulate_f64(p, slot, p->classes, (double *)sums, sums_stride,
-                         row_m, row_ls, log_probs, nt);
-    break;
-  case MCMI_BFLOAT16:
-    class_accumulate_bf16(p, slot, p->classes, (float *)sums, sums_stride,
-                          row_m, row_ls, log_probs, nt);
-    break;
-  case MCMI_FLOAT16:
-    class_accumulate_f16(p, slot, p->classes, (float *)sums, sums_stride, row_m,
-                         row_ls, log_probs, nt);
-    break;
-  }
+  kernels_by_dtype[p->dtype].class_accumulate(
+      p, slot, p->classes, sums, sums_stride, row_m, row_ls, log_probs, nt);
   return MCMI_OK;
 }
 
@@ -553,25 +547,9 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
     return MCMI_ERROR_ARGUMENT;
   }
   char *ws = (char *)workspace;
-  switch (p->dtype) {
-  case MCMI_FLOAT32:
-    ema_update_f32(&b, &lay, momentum, (float *)centroids, centroids_stride,
-                   seen, ws, nt);
-    return MCMI_OK;
-  case MCMI_FLOAT64:
-    ema_update_f64(&b, &lay, momentum, (double *)centroids, centroids_stride,
-                   seen, ws, nt);
-    return MCMI_OK;
-  case MCMI_BFLOAT16:
-    ema_update_bf16(&b, &lay, momentum, (float *)centroids, centroids_stride,
-                    seen, ws, nt);
-    return MCMI_OK;
-  case MCMI_FLOAT16:
-    ema_update_f16(&b, &lay, momentum, (float *)centroids, centroids_stride,
-                   seen, ws, nt);
-    return MCMI_OK;
-  }
-  return MCMI_ERROR_ARGUMENT;
+  kernels_by_dtype[p->dtype].ema_update(&b, &lay, momentum, centroids,
+                                        centroids_stride, seen, ws, nt);
+  return MCMI_OK;
 }
 
 mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
@@ -584,23 +562,7 @@ mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
     return MCMI_ERROR_ARGUMENT;
   }
   const int nt = effective_threads(num_threads, rows, cols);
-  switch (dtype) {
-  case MCMI_FLOAT32:
-    scale_rows_f32((float *)x, rows, cols, stride, (const float *)scale,
-                   scale_stride, nt);
-    return MCMI_OK;
-  case MCMI_FLOAT64:
-    scale_rows_f64((double *)x, rows, cols, stride, (const double *)scale,
-                   scale_stride, nt);
-    return MCMI_OK;
-  case MCMI_BFLOAT16:
-    scale_rows_bf16((uint16_t *)x, rows, cols, stride, (const uint16_t *)scale,
-                    scale_stride, nt);
-    return MCMI_OK;
-  case MCMI_FLOAT16:
-    scale_rows_f16((uint16_t *)x, rows, cols, stride, (const uint16_t *)scale,
-                   scale_stride, nt);
-    return MCMI_OK;
-  }
-  return MCMI_ERROR_ARGUMENT;
+  kernels_by_dtype[dtype].scale_rows(x, rows, cols, stride, scale, scale_stride,
+                                     nt);
+  return MCMI_OK;
 }
