@@ -23,6 +23,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "../mcmi_math.h"
 #include "mcmi_cuda.h"
 
@@ -1016,6 +1018,25 @@ mcmi_status launch_status() {
   return cudaGetLastError() == cudaSuccess ? MCMI_OK : MCMI_ERROR_LAUNCH;
 }
 
+/* The one place a dtype becomes a C++ type: calls f(T()) with T the
+ * element type of logits of that dtype (accumulation type AccOf<T>). */
+template <typename F> void with_logits_type(mcmi_dtype dtype, F &&f) {
+  switch (dtype) {
+  case MCMI_FLOAT32:
+    f(float());
+    break;
+  case MCMI_FLOAT64:
+    f(double());
+    break;
+  case MCMI_BFLOAT16:
+    f(__nv_bfloat16());
+    break;
+  case MCMI_FLOAT16:
+    f(__half());
+    break;
+  }
+}
+
 /* Row stats, counts, slots and row order of the rows with labels in range,
  * then the sums (or means) of the classes present into out: by class
  * (out_stride apart) or by slot (cols apart). Needs p.rows > 0. */
@@ -1113,25 +1134,19 @@ void sums_dispatch(const mcmi_problem &p, const Layout &l, char *ws,
   }
 }
 
-/* Class sums (by class) or means (by slot) in A: float64 logits for double,
- * any other dtype for float. */
+/* Class sums (by class) or means (by slot) in A = AccOf<T> of the logits
+ * type T. */
 template <typename A>
 void sums_any(const mcmi_problem &p, const Layout &l, char *ws, int log_probs,
               int mean, int by_class, A *out, int64_t out_stride,
               int64_t *counts, cudaStream_t s) {
-  if constexpr (sizeof(A) == sizeof(double)) {
-    sums_dispatch<double>(p, l, ws, log_probs, mean, by_class, out, out_stride,
-                          counts, s);
-  } else if (p.dtype == MCMI_BFLOAT16) {
-    sums_dispatch<__nv_bfloat16>(p, l, ws, log_probs, mean, by_class, out,
-                                 out_stride, counts, s);
-  } else if (p.dtype == MCMI_FLOAT16) {
-    sums_dispatch<__half>(p, l, ws, log_probs, mean, by_class, out, out_stride,
-                          counts, s);
-  } else {
-    sums_dispatch<float>(p, l, ws, log_probs, mean, by_class, out, out_stride,
-                         counts, s);
-  }
+  with_logits_type(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same<typename AccOf<T>::type, A>::value) {
+      sums_dispatch<T>(p, l, ws, log_probs, mean, by_class, out, out_stride,
+                       counts, s);
+    }
+  });
 }
 
 template <typename A>
@@ -1197,21 +1212,10 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
   }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
-  switch (p->dtype) {
-  case MCMI_FLOAT32:
-    loss_dispatch<float>(*p, loss, loss_stride, grad, grad_stride, ws, s);
-    break;
-  case MCMI_FLOAT64:
-    loss_dispatch<double>(*p, loss, loss_stride, grad, grad_stride, ws, s);
-    break;
-  case MCMI_BFLOAT16:
-    loss_dispatch<__nv_bfloat16>(*p, loss, loss_stride, grad, grad_stride, ws,
+  with_logits_type(p->dtype, [&](auto tag) {
+    loss_dispatch<decltype(tag)>(*p, loss, loss_stride, grad, grad_stride, ws,
                                  s);
-    break;
-  case MCMI_FLOAT16:
-    loss_dispatch<__half>(*p, loss, loss_stride, grad, grad_stride, ws, s);
-    break;
-  }
+  });
   return launch_status();
 }
 
@@ -1225,13 +1229,11 @@ mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
   }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
-  if (p->dtype == MCMI_FLOAT64) {
-    class_sums_launch<double>(*p, log_probs, (double *)sums, sums_stride,
-                              counts, bad_row, ws, s);
-  } else {
-    class_sums_launch<float>(*p, log_probs, (float *)sums, sums_stride, counts,
-                             bad_row, ws, s);
-  }
+  with_logits_type(p->dtype, [&](auto tag) {
+    using A = typename AccOf<decltype(tag)>::type;
+    class_sums_launch<A>(*p, log_probs, (A *)sums, sums_stride, counts, bad_row,
+                         ws, s);
+  });
   return launch_status();
 }
 
@@ -1246,13 +1248,11 @@ mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
   }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
-  if (p->dtype == MCMI_FLOAT64) {
-    ema_launch<double>(*p, momentum, (double *)centroids, centroids_stride,
-                       seen, bad_row, ws, s);
-  } else {
-    ema_launch<float>(*p, (float)momentum, (float *)centroids, centroids_stride,
-                      seen, bad_row, ws, s);
-  }
+  with_logits_type(p->dtype, [&](auto tag) {
+    using A = typename AccOf<decltype(tag)>::type;
+    ema_launch<A>(*p, (A)momentum, (A *)centroids, centroids_stride, seen,
+                  bad_row, ws, s);
+  });
   return launch_status();
 }
 
@@ -1260,7 +1260,8 @@ mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
                                  int64_t cols, int64_t stride,
                                  const void *scale, int64_t scale_stride,
                                  void *stream) {
-  if (rows < 0 || cols < 0 || (rows > 0 && cols > 0 && (!x || !scale))) {
+  if (dtype < MCMI_FLOAT32 || dtype > MCMI_FLOAT16 || rows < 0 || cols < 0 ||
+      (rows > 0 && cols > 0 && (!x || !scale))) {
     return MCMI_ERROR_ARGUMENT;
   }
   if (rows == 0 || cols == 0) {
@@ -1270,26 +1271,12 @@ mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
   const int64_t total = rows * cols;
   const unsigned blocks =
       (unsigned)(total / kThreads + 1 < 65535 ? total / kThreads + 1 : 65535);
-  switch (dtype) {
-  case MCMI_FLOAT32:
-    scale_rows_kernel<float><<<blocks, kThreads, 0, s>>>(
-        (float *)x, rows, cols, stride, (const float *)scale, scale_stride);
-    return launch_status();
-  case MCMI_FLOAT64:
-    scale_rows_kernel<double><<<blocks, kThreads, 0, s>>>(
-        (double *)x, rows, cols, stride, (const double *)scale, scale_stride);
-    return launch_status();
-  case MCMI_BFLOAT16:
-    scale_rows_kernel<__nv_bfloat16><<<blocks, kThreads, 0, s>>>(
-        (__nv_bfloat16 *)x, rows, cols, stride, (const __nv_bfloat16 *)scale,
-        scale_stride);
-    return launch_status();
-  case MCMI_FLOAT16:
-    scale_rows_kernel<__half><<<blocks, kThreads, 0, s>>>(
-        (__half *)x, rows, cols, stride, (const __half *)scale, scale_stride);
-    return launch_status();
-  }
-  return MCMI_ERROR_ARGUMENT;
+  with_logits_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scale_rows_kernel<T><<<blocks, kThreads, 0, s>>>(
+        (T *)x, rows, cols, stride, (const T *)scale, scale_stride);
+  });
+  return launch_status();
 }
 
 } // extern "C"
