@@ -57,14 +57,18 @@ def suggest_lambda(centroids: Tensor) -> float:
 
 class CollapseGuard:
     """Warns once when the training-batch accuracy of an MCMI fine-tune falls
-    towards chance.
+    from well above chance towards chance.
 
-    :meth:`observe` is called with every training batch and its ``lam``; every ``every``-th
-    call it reads the batch accuracy (one device sync), keeps a running mean
-    ``a`` (the mean of the last two checks) and the best ``a`` seen, and
-    issues a :class:`CollapseWarning` when ``a`` falls below the midpoint of
-    the best and chance (``1 / C`` for ``C`` logit columns). The calls in
-    between only count. ``fired`` records whether it warned.
+    :meth:`observe` is called with every training batch and its ``lam``; on the
+    first call and every ``every``-th after it, it reads the batch accuracy (one
+    device sync) and keeps a running mean ``a`` (the mean of the last two checks)
+    and the best ``a`` seen. It is armed once the best is well above chance
+    (``1 / C`` for ``C`` logit columns): by at least a fifth of the way from
+    chance to 1, and by four standard errors of a chance-level mean over the rows
+    seen (so a model that never learned, trained on random labels say, does not
+    arm it by luck). Armed, it issues a :class:`CollapseWarning` when ``a`` falls
+    below the midpoint of the best and chance. The calls in between only count.
+    ``fired`` records whether it warned.
 
     Args:
         every: check one batch in this many.
@@ -76,14 +80,16 @@ class CollapseGuard:
         self.every = int(every)
         self.calls = 0
         self.last = None
+        self.last_count = 0
         self.best = 0.0
+        self.armed = False
         self.fired = False
 
     def observe(self, logits: Tensor, target: Tensor, ignore_index: int, lam: float) -> None:
-        """Counts a batch; on every ``every``-th one, checks its accuracy
-        (``lam`` is quoted in the warning)."""
+        """Counts a batch; on the first and every ``every``-th one after it,
+        checks its accuracy (``lam`` is quoted in the warning)."""
         self.calls += 1
-        if self.fired or self.calls % self.every:
+        if self.fired or (self.calls - 1) % self.every:
             return
         valid = target != ignore_index
         hits = (logits.detach().argmax(dim=1) == target) & valid
@@ -91,11 +97,16 @@ class CollapseGuard:
         if count == 0:
             return
         acc = hits.sum().item() / count
-        mean = acc if self.last is None else 0.5 * (acc + self.last)
-        self.last = acc
-        self.best = max(self.best, mean)
+        if self.last is None:
+            mean, rows = acc, count
+        else:
+            mean, rows = 0.5 * (acc + self.last), count + self.last_count
+        self.last, self.last_count = acc, count
         chance = 1.0 / logits.shape[1]
-        if mean < 0.5 * (self.best + chance):
+        self.best = max(self.best, mean)
+        noise = math.sqrt(chance * (1.0 - chance) / rows)
+        self.armed = self.armed or mean - chance >= max(0.2 * (1.0 - chance), 4.0 * noise)
+        if self.armed and mean < 0.5 * (self.best + chance):
             self.fired = True
             warnings.warn(
                 f"MCMI fine-tune collapsing: training-batch accuracy fell from {self.best:.2f} "
