@@ -147,11 +147,12 @@ def copy_bandwidth(device, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def inputs(rows, cols, device, seed=0):
-    """Logits, labels and fixed centroids [K, cols], K = min(cols, MAX_CENTROID_ROWS)."""
-    classes = min(cols, MAX_CENTROID_ROWS)
+def inputs(rows, cols, device, seed=0, classes=None, dtype=torch.float32):
+    """Logits [rows, cols] in dtype, labels in [0, K) and fixed centroids [K, cols],
+    K = classes, by default min(cols, MAX_CENTROID_ROWS)."""
+    classes = min(cols, MAX_CENTROID_ROWS) if classes is None else classes
     g = torch.Generator().manual_seed(seed)
-    z = (2 * torch.randn(rows, cols, generator=g)).to(device).requires_grad_(True)
+    z = (2 * torch.randn(rows, cols, generator=g)).to(device, dtype).requires_grad_(True)
     y = torch.randint(0, classes, (rows,), generator=g).to(device)
     q = torch.softmax(torch.randn(classes, cols, generator=g), 1).to(device)
     return z, y, q

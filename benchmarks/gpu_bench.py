@@ -31,18 +31,9 @@ DRY_MAIN = [(64, 100, torch.float32), (64, 100, torch.bfloat16)]
 DRY_SWEEP = [(16, 10), (4, 300)]
 
 
-def problem(rows, cols, classes, dtype, device, seed=0):
-    """Logits [rows, cols] in dtype, labels in [0, classes), centroids [classes, cols]."""
-    g = torch.Generator().manual_seed(seed)
-    z = (2 * torch.randn(rows, cols, generator=g)).to(device, dtype).requires_grad_(True)
-    y = torch.randint(0, classes, (rows,), generator=g).to(device)
-    q = torch.softmax(torch.randn(classes, cols, generator=g), 1).to(device)
-    return z, y, q
-
-
 def measure(rows, cols, dtype, device, budget, bandwidth, compiled):
-    z, y, q = problem(rows, cols, min(cols, 1000), dtype, device)
-    ours, eager, comp = b.make_impls("fixed", q, cols, compiled)
+    z, y, q = b.inputs(rows, cols, device, classes=min(cols, 1000), dtype=dtype)
+    ours, eager, comp = b.make_impls("fixed", q, q.shape[0], compiled)
     t = {
         name: b.median_time(fn, z, y, device, budget)
         for name, fn in (("ours", ours), ("eager", eager), ("compiled", comp))
@@ -70,7 +61,7 @@ def measure(rows, cols, dtype, device, budget, bandwidth, compiled):
 
 def graphs_check(device, rows, cols) -> dict:
     """Ours under torch.compile(mode='reduce-overhead') against eager."""
-    z, y, q = problem(rows, cols, cols, torch.float32, device)
+    z, y, q = b.inputs(rows, cols, device, classes=cols)
     crit = mcmi_torch.MCMILoss(b.LAM, q)
     step = torch.compile(lambda z, y: crit(z, y), fullgraph=True, mode="reduce-overhead")
     for _ in range(3):  # CUDA graphs record after warm-up runs
