@@ -69,3 +69,12 @@ int mcmi_problem_ok(const mcmi_problem *p) {
   }
   return p->rows == 0 || (p->logits != NULL && p->target != NULL);
 }
+
+int mcmi_loss_problem_ok(const mcmi_problem *p) {
+  return mcmi_problem_ok(p) && p->reduction >= MCMI_REDUCTION_NONE &&
+         p->reduction <= MCMI_REDUCTION_SUM;
+}
+
+int mcmi_momentum_ok(double momentum) {
+  return momentum > 0.0 && momentum <= 1.0;
+}

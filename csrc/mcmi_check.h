@@ -2,9 +2,14 @@
  * mcmi_check.h: the argument checks that the CPU and the CUDA kernels share
  * (mcmi_check.c; internal to the kernels, not part of the C interface).
  *
- * Each entry point of mcmi.h and cuda/mcmi_cuda.h checks its problem with
- * mcmi_problem_ok and its own outputs with mcmi_extent_ok before it touches
- * memory; the CPU kernels check labels with mcmi_check_targets (mcmi.h).
+ * Every entry point of mcmi.h and cuda/mcmi_cuda.h checks its arguments with
+ * these before it touches memory and returns MCMI_ERROR_ARGUMENT when one
+ * fails: the problem (mcmi_problem_ok, or mcmi_loss_problem_ok for the
+ * loss), the momentum, and the extents of its outputs (mcmi_extent_ok). The
+ * CPU kernels check labels with mcmi_check_targets (mcmi.h); the CUDA
+ * kernels check them on the device (cuda/mcmi_cuda.h). The shim has checked
+ * all of it before, with messages: these keep the kernels safe for any
+ * caller.
  */
 #ifndef MCMI_CHECK_H
 #define MCMI_CHECK_H
@@ -48,9 +53,15 @@ int mcmi_extent_ok(int64_t rows, int64_t stride, int64_t cols, size_t size,
  * The problem is one the kernels take (mcmi.h, mcmi_problem): sizes,
  * temperature, dtype, log_centroids with centroids, K <= C with a CE term,
  * the extents of logits, target and centroids, and their pointers. The
- * reduction is checked by the loss alone (the other entry points ignore it).
+ * reduction is the loss's alone (the other entry points ignore it).
  */
 int mcmi_problem_ok(const mcmi_problem *p);
+
+/* A problem of the loss: mcmi_problem_ok, and a known reduction. */
+int mcmi_loss_problem_ok(const mcmi_problem *p);
+
+/* A momentum of the EMA update: in (0, 1]. */
+int mcmi_momentum_ok(double momentum);
 
 #ifdef __cplusplus
 }

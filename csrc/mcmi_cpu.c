@@ -264,8 +264,7 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
                           int64_t loss_stride, void *grad, int64_t grad_stride,
                           void *workspace, int num_threads,
                           int64_t *bad_index) {
-  if (!mcmi_problem_ok(p) || p->reduction < MCMI_REDUCTION_NONE ||
-      p->reduction > MCMI_REDUCTION_SUM) {
+  if (!mcmi_loss_problem_ok(p)) {
     return MCMI_ERROR_ARGUMENT;
   }
   const size_t elem = mcmi_logit_size(p->dtype);
@@ -418,7 +417,7 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
                                 uint8_t *seen, void *workspace, int num_threads,
                                 int64_t *bad_index) {
   if (!mcmi_problem_ok(p) || centroids == NULL || seen == NULL ||
-      workspace == NULL || !(momentum > 0.0 && momentum <= 1.0) ||
+      workspace == NULL || !mcmi_momentum_ok(momentum) ||
       !mcmi_extent_ok(p->classes, centroids_stride, p->cols,
                       mcmi_acc_size(p->dtype), 1)) {
     return MCMI_ERROR_ARGUMENT;

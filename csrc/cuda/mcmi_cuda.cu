@@ -1046,8 +1046,7 @@ size_t mcmi_cuda_class_sums_workspace(const mcmi_problem *p) {
 mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
                            int64_t loss_stride, void *grad, int64_t grad_stride,
                            void *workspace, void *stream) {
-  if (!mcmi_problem_ok(p) || p->reduction < MCMI_REDUCTION_NONE ||
-      p->reduction > MCMI_REDUCTION_SUM || workspace == nullptr ||
+  if (!mcmi_loss_problem_ok(p) || workspace == nullptr ||
       (loss == nullptr &&
        !(p->reduction == MCMI_REDUCTION_NONE && p->rows == 0))) {
     return MCMI_ERROR_ARGUMENT;
@@ -1098,7 +1097,7 @@ mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *workspace, void *stream) {
   if (!mcmi_problem_ok(p) || centroids == nullptr || seen == nullptr ||
       bad_row == nullptr || workspace == nullptr ||
-      !(momentum > 0.0 && momentum <= 1.0)) {
+      !mcmi_momentum_ok(momentum)) {
     return MCMI_ERROR_ARGUMENT;
   }
   cudaStream_t s = (cudaStream_t)stream;
