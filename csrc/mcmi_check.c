@@ -4,6 +4,10 @@
  */
 #include "mcmi_check.h"
 
+int mcmi_dtype_ok(mcmi_dtype dtype) {
+  return dtype >= MCMI_FLOAT32 && dtype <= MCMI_FLOAT16;
+}
+
 int mcmi_extent_ok(int64_t rows, int64_t stride, int64_t cols, size_t size,
                    int output) {
   if (rows <= 0 || cols <= 0) {
@@ -48,8 +52,7 @@ mcmi_status mcmi_check_targets(const int64_t *target, int64_t stride,
 
 int mcmi_problem_ok(const mcmi_problem *p) {
   if (p == NULL || p->rows < 0 || p->cols < 1 || p->classes < 1 ||
-      !(p->temperature > 0.0) || p->dtype < MCMI_FLOAT32 ||
-      p->dtype > MCMI_FLOAT16) {
+      !(p->temperature > 0.0) || !mcmi_dtype_ok(p->dtype)) {
     return 0;
   }
   if (p->log_centroids && p->centroids == NULL) {
@@ -77,4 +80,13 @@ int mcmi_loss_problem_ok(const mcmi_problem *p) {
 
 int mcmi_momentum_ok(double momentum) {
   return momentum > 0.0 && momentum <= 1.0;
+}
+
+int mcmi_scale_rows_ok(mcmi_dtype dtype, const void *x, int64_t rows,
+                       int64_t cols, int64_t stride, const void *scale,
+                       int64_t scale_stride) {
+  return mcmi_dtype_ok(dtype) &&
+         mcmi_extent_ok(rows, stride, cols, mcmi_logit_size(dtype), 1) &&
+         mcmi_extent_ok(rows, scale_stride, 1, mcmi_logit_size(dtype), 0) &&
+         (rows == 0 || cols == 0 || (x != NULL && scale != NULL));
 }

@@ -40,6 +40,9 @@ static inline size_t mcmi_acc_size(mcmi_dtype dtype) {
   return dtype == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
+/* A dtype the kernels know. */
+int mcmi_dtype_ok(mcmi_dtype dtype);
+
 /*
  * Rows of `cols` elements of `size` bytes, `stride` elements apart, have
  * every element index and byte offset representable: the last element sits
@@ -62,6 +65,11 @@ int mcmi_loss_problem_ok(const mcmi_problem *p);
 
 /* A momentum of the EMA update: in (0, 1]. */
 int mcmi_momentum_ok(double momentum);
+
+/* The arguments of mcmi_cpu_scale_rows / mcmi_cuda_scale_rows. */
+int mcmi_scale_rows_ok(mcmi_dtype dtype, const void *x, int64_t rows,
+                       int64_t cols, int64_t stride, const void *scale,
+                       int64_t scale_stride);
 
 #ifdef __cplusplus
 }

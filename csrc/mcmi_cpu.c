@@ -460,10 +460,7 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
 mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
                                 int64_t cols, int64_t stride, const void *scale,
                                 int64_t scale_stride, int num_threads) {
-  if (dtype < MCMI_FLOAT32 || dtype > MCMI_FLOAT16 ||
-      !mcmi_extent_ok(rows, stride, cols, mcmi_logit_size(dtype), 1) ||
-      !mcmi_extent_ok(rows, scale_stride, 1, mcmi_logit_size(dtype), 0) ||
-      (rows > 0 && cols > 0 && (!x || !scale))) {
+  if (!mcmi_scale_rows_ok(dtype, x, rows, cols, stride, scale, scale_stride)) {
     return MCMI_ERROR_ARGUMENT;
   }
   const int nt = effective_threads(num_threads, rows, cols);

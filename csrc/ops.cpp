@@ -1,19 +1,10 @@
 // ops.cpp: the mcmi ops (schemas in library.cpp), each written once over a
 // backend and registered per device: CPU over the kernels of mcmi.h and, in
-// CUDA builds (-DUSE_CUDA, under which the stable C shim declares its CUDA
-// stream getter), CUDA over the kernels of cuda/mcmi_cuda.h. shim.h checks
-// every argument before a kernel runs.
-//
-// A backend is a struct made once per op call from the call's first tensor,
-// before anything else is done, with
-//   kDevice, on_device(t)      the device's name in messages, and its test;
-//   the C entry points         loss_workspace, loss, class_sums_workspace,
-//                              class_sums, ema_workspace, ema_update and
-//                              scale_rows, with the call's threads or stream;
-//   check(status, op, classes, ignore_index)
-//                              throws the message of a kernel status, the
-//                              same on every device (shim.h, check_status).
-// Workspaces are byte tensors on the op's device (shim.h, workspace).
+// CUDA builds (-DUSE_CUDA), CUDA over those of cuda/mcmi_cuda.h. shim.h
+// checks every argument before a kernel runs. A backend is made once per
+// call from its first tensor and gives the device's name and test, the C
+// entry points (with their workspace, threads or stream), and check(), which
+// throws the message of a kernel status, the same on every device.
 #include <optional>
 #include <tuple>
 
@@ -42,34 +33,31 @@ struct CpuBackend {
   static constexpr const char *kDevice = "CPU";
   static bool on_device(const Tensor &t) { return t.is_cpu(); }
 
-  explicit CpuBackend(const Tensor &)
-      : threads(static_cast<int>(torch::stable::get_num_threads())) {}
+  explicit CpuBackend(const Tensor &first)
+      : like(first),
+        threads(static_cast<int>(torch::stable::get_num_threads())) {}
 
-  size_t loss_workspace(const mcmi_problem &problem, bool with_grad) const {
-    return mcmi_cpu_loss_workspace(&problem, threads, with_grad ? 1 : 0);
-  }
   mcmi_status loss(const mcmi_problem &problem, void *loss, int64_t loss_stride,
-                   void *grad, int64_t grad_stride, void *workspace) {
+                   void *grad, int64_t grad_stride) {
+    Tensor scratch = workspace(
+        like, mcmi_cpu_loss_workspace(&problem, threads, grad != nullptr));
     return mcmi_cpu_loss(&problem, loss, loss_stride, grad, grad_stride,
-                         workspace, threads, &bad_index);
-  }
-  size_t class_sums_workspace(const mcmi_problem &problem) const {
-    return mcmi_cpu_class_sums_workspace(&problem);
+                         scratch.mutable_data_ptr(), threads, &bad_index);
   }
   mcmi_status class_sums(const mcmi_problem &problem, bool log_probs,
-                         void *sums, int64_t sums_stride, int64_t *counts,
-                         void *workspace) {
+                         void *sums, int64_t sums_stride, int64_t *counts) {
+    Tensor scratch = workspace(like, mcmi_cpu_class_sums_workspace(&problem));
     return mcmi_cpu_class_sums(&problem, log_probs ? 1 : 0, sums, sums_stride,
-                               counts, workspace, threads, &bad_index);
-  }
-  size_t ema_workspace(const mcmi_problem &problem) const {
-    return mcmi_cpu_ema_workspace(&problem);
+                               counts, scratch.mutable_data_ptr(), threads,
+                               &bad_index);
   }
   mcmi_status ema_update(const mcmi_problem &problem, double momentum,
                          void *centroids, int64_t centroids_stride,
-                         uint8_t *seen, void *workspace) {
+                         uint8_t *seen) {
+    Tensor scratch = workspace(like, mcmi_cpu_ema_workspace(&problem));
     return mcmi_cpu_ema_update(&problem, momentum, centroids, centroids_stride,
-                               seen, workspace, threads, &bad_index);
+                               seen, scratch.mutable_data_ptr(), threads,
+                               &bad_index);
   }
   mcmi_status scale_rows(mcmi_dtype dtype, void *x, int64_t rows, int64_t cols,
                          int64_t stride, const void *scale,
@@ -82,6 +70,7 @@ struct CpuBackend {
     check_status(status, bad_index, classes, ignore_index);
   }
 
+  Tensor like; // a tensor on the op's device, for workspaces
   int threads;
   // The row of the first bad label, or the class of a bad centroid row.
   int64_t bad_index = -1;
@@ -91,7 +80,7 @@ struct CpuBackend {
 // The CUDA kernels run on torch's current stream of the op's device, under a
 // device guard, so CUDA graphs and several streams and devices work. Labels
 // are checked on the device without a sync: the loss turns a bad row into
-// NaN (cuda/mcmi_cuda.h), class sums and the EMA update write the first bad
+// NaN (cuda/mcmi_cuda.h); class sums and the EMA update write the first bad
 // row to a device int64 that check() reads back.
 struct CudaBackend {
   static constexpr const char *kDevice = "CUDA";
@@ -103,31 +92,26 @@ struct CudaBackend {
         aoti_torch_get_current_cuda_stream(first.get_device_index(), &stream));
   }
 
-  size_t loss_workspace(const mcmi_problem &problem, bool) const {
-    return mcmi_cuda_loss_workspace(&problem);
-  }
   mcmi_status loss(const mcmi_problem &problem, void *loss, int64_t loss_stride,
-                   void *grad, int64_t grad_stride, void *workspace) const {
+                   void *grad, int64_t grad_stride) const {
+    Tensor scratch = workspace(like, mcmi_cuda_loss_workspace(&problem));
     return mcmi_cuda_loss(&problem, loss, loss_stride, grad, grad_stride,
-                          workspace, stream);
-  }
-  size_t class_sums_workspace(const mcmi_problem &problem) const {
-    return mcmi_cuda_class_sums_workspace(&problem);
+                          scratch.mutable_data_ptr(), stream);
   }
   mcmi_status class_sums(const mcmi_problem &problem, bool log_probs,
-                         void *sums, int64_t sums_stride, int64_t *counts,
-                         void *workspace) {
+                         void *sums, int64_t sums_stride, int64_t *counts) {
+    Tensor scratch = workspace(like, mcmi_cuda_class_sums_workspace(&problem));
     return mcmi_cuda_class_sums(&problem, log_probs ? 1 : 0, sums, sums_stride,
-                                counts, device_bad_row(), workspace, stream);
-  }
-  size_t ema_workspace(const mcmi_problem &problem) const {
-    return mcmi_cuda_class_sums_workspace(&problem);
+                                counts, device_bad_row(),
+                                scratch.mutable_data_ptr(), stream);
   }
   mcmi_status ema_update(const mcmi_problem &problem, double momentum,
                          void *centroids, int64_t centroids_stride,
-                         uint8_t *seen, void *workspace) {
+                         uint8_t *seen) {
+    Tensor scratch = workspace(like, mcmi_cuda_class_sums_workspace(&problem));
     return mcmi_cuda_ema_update(&problem, momentum, centroids, centroids_stride,
-                                seen, device_bad_row(), workspace, stream);
+                                seen, device_bad_row(),
+                                scratch.mutable_data_ptr(), stream);
   }
   mcmi_status scale_rows(mcmi_dtype dtype, void *x, int64_t rows, int64_t cols,
                          int64_t stride, const void *scale,
@@ -135,28 +119,18 @@ struct CudaBackend {
     return mcmi_cuda_scale_rows(dtype, x, rows, cols, stride, scale,
                                 scale_stride, stream);
   }
+  // Throws for a failed launch or a status, then for the first row with a
+  // label out of range, as the CPU kernels do: one 8-byte copy and a stream
+  // sync. The row is not read while the stream is captured into a CUDA
+  // graph, where a sync is not allowed (the kernels then leave such rows out
+  // of class sums, and the EMA update changes nothing).
   void check(mcmi_status status, const char *op, int64_t classes,
              int64_t ignore_index) const {
     check_launch(status, op);
     check_status(status, -1, classes, ignore_index);
-    if (bad_row.has_value()) {
-      check_bad_row(classes, ignore_index);
-    }
-  }
-
-  // A device int64 for the first row with a bad label, made on first use.
-  int64_t *device_bad_row() {
     if (!bad_row.has_value()) {
-      bad_row = torch::stable::new_empty(like, {1}, ScalarType::Long);
+      return;
     }
-    return static_cast<int64_t *>(bad_row->mutable_data_ptr());
-  }
-
-  // Raises the CPU kernels' error for the first row with a label out of
-  // range: one 8-byte copy and a stream sync. Skipped while the stream is
-  // captured into a CUDA graph, where a sync is not allowed (the kernels then
-  // leave such rows out of class sums, and the EMA update changes nothing).
-  void check_bad_row(int64_t classes, int64_t ignore_index) const {
     cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     MCMI_CHECK(cudaStreamIsCapturing(cuda_stream, &capture) == cudaSuccess,
@@ -170,13 +144,19 @@ struct CudaBackend {
                                cuda_stream) == cudaSuccess &&
                    cudaStreamSynchronize(cuda_stream) == cudaSuccess,
                "mcmi: reading the label check back from the GPU failed");
-    if (row >= 0) {
-      check_status(MCMI_ERROR_TARGET, row, classes, ignore_index);
-    }
+    check_status(row >= 0 ? MCMI_ERROR_TARGET : MCMI_OK, row, classes,
+                 ignore_index);
+  }
+
+  // A device int64 for the first row with a bad label (class sums and the
+  // EMA update).
+  int64_t *device_bad_row() {
+    bad_row = torch::stable::new_empty(like, {1}, ScalarType::Long);
+    return static_cast<int64_t *>(bad_row->mutable_data_ptr());
   }
 
   torch::stable::accelerator::DeviceGuard guard;
-  Tensor like; // a tensor on the op's device, for allocations
+  Tensor like; // a tensor on the op's device, for workspaces
   void *stream = nullptr;
   std::optional<Tensor> bad_row;
 };
@@ -200,12 +180,9 @@ loss(Tensor logits, Tensor target, std::optional<Tensor> centroids,
                                num_classes, temperature, ce_weight, cmi_weight,
                                floor, ignore_index, reduction, with_grad);
   const mcmi_problem &problem = call.inputs.problem;
-  Tensor scratch =
-      workspace(logits, backend.loss_workspace(problem, with_grad));
-  const mcmi_status status =
-      backend.loss(problem, call.loss.mutable_data_ptr(), call.loss_stride,
-                   with_grad ? call.grad.mutable_data_ptr() : nullptr,
-                   problem.cols, scratch.mutable_data_ptr());
+  const mcmi_status status = backend.loss(
+      problem, call.loss.mutable_data_ptr(), call.loss_stride,
+      with_grad ? call.grad.mutable_data_ptr() : nullptr, problem.cols);
   backend.check(status, "mcmi::loss", problem.classes, ignore_index);
   return std::make_tuple(call.loss, call.grad);
 }
@@ -230,12 +207,10 @@ std::tuple<Tensor, Tensor> class_sums(Tensor logits, Tensor target,
   Backend backend(logits);
   ClassSumsCall call = prepare_class_sums(logits, target, num_classes,
                                           temperature, ignore_index);
-  const mcmi_problem &problem = call.inputs.problem;
-  Tensor scratch = workspace(logits, backend.class_sums_workspace(problem));
   const mcmi_status status = backend.class_sums(
-      problem, log_probs, call.sums.mutable_data_ptr(), problem.cols,
-      static_cast<int64_t *>(call.counts.mutable_data_ptr()),
-      scratch.mutable_data_ptr());
+      call.inputs.problem, log_probs, call.sums.mutable_data_ptr(),
+      call.inputs.problem.cols,
+      static_cast<int64_t *>(call.counts.mutable_data_ptr()));
   backend.check(status, "mcmi::class_sums", num_classes, ignore_index);
   return std::make_tuple(call.sums, call.counts);
 }
@@ -247,13 +222,11 @@ void ema_update(Tensor centroids, Tensor seen, Tensor logits, Tensor target,
   Backend backend(logits);
   const Inputs inputs = ema_inputs(centroids, seen, logits, target, temperature,
                                    momentum, ignore_index);
-  const mcmi_problem &problem = inputs.problem;
-  Tensor scratch = workspace(logits, backend.ema_workspace(problem));
   const mcmi_status status = backend.ema_update(
-      problem, momentum, centroids.mutable_data_ptr(), centroids.stride(0),
-      static_cast<uint8_t *>(seen.mutable_data_ptr()),
-      scratch.mutable_data_ptr());
-  backend.check(status, "mcmi::ema_update_", problem.classes, ignore_index);
+      inputs.problem, momentum, centroids.mutable_data_ptr(),
+      centroids.stride(0), static_cast<uint8_t *>(seen.mutable_data_ptr()));
+  backend.check(status, "mcmi::ema_update_", inputs.problem.classes,
+                ignore_index);
 }
 
 // Registers every op of library.cpp for one backend.

@@ -1,11 +1,7 @@
-// shim.h: the checks of every op argument and the translation of stable-ABI
-// tensors into the kernels' mcmi_problem (mcmi.h), for ops.cpp. Everything
-// here runs before a kernel and throws (RuntimeError in Python) on bad input:
-// dtypes, shapes, devices, strides, overlap of in-place outputs, temperature,
-// loss weights, floor, reduction, momentum and num_classes. Labels and the
-// row sums of given centroids are read by the kernels anyway, which check
-// them (mcmi_check_targets, MCMI_ERROR_CENTROIDS); check_status turns a
-// kernel's status into the same message on every device.
+// shim.h: the checks of every op argument (all but labels and centroid row
+// sums, which the kernels check as they read them) and the translation of
+// stable-ABI tensors into the kernels' mcmi_problem, for ops.cpp. All of it
+// runs before a kernel and throws (RuntimeError in Python) on bad input.
 #pragma once
 
 #include <torch/csrc/stable/library.h>

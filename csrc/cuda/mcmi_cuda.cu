@@ -1116,7 +1116,7 @@ mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
                                  int64_t cols, int64_t stride,
                                  const void *scale, int64_t scale_stride,
                                  void *stream) {
-  if (rows < 0 || cols < 0 || (rows > 0 && cols > 0 && (!x || !scale))) {
+  if (!mcmi_scale_rows_ok(dtype, x, rows, cols, stride, scale, scale_stride)) {
     return MCMI_ERROR_ARGUMENT;
   }
   if (rows == 0 || cols == 0) {
