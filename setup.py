@@ -44,7 +44,7 @@ OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
 STRIP = [] if DEBUG else ["-s"]
 WARN = ["-Wall", "-Wextra"]
 
-C_SOURCES = [os.path.join(CSRC, "mcmi_cpu.c"), os.path.join(CSRC, "module.c")]
+C_SOURCES = [os.path.join(CSRC, f) for f in ("mcmi_cpu.c", "mcmi_check.c", "module.c")]
 C_FLAGS = [
     "-std=c11",
     "-fPIC",
@@ -96,7 +96,7 @@ def with_cuda() -> bool:
 
 
 def extensions():
-    sources = [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops_cpu.cpp")]
+    sources = [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops.cpp")]
     common = dict(
         include_dirs=[os.path.join(ROOT, CSRC)],
         extra_link_args=["-fopenmp", *STRIP],
@@ -107,11 +107,10 @@ def extensions():
             CppExtension("mcmi_torch._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, **common)
         ]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    cuda_sources = [os.path.join(CSRC, "cuda", "mcmi_cuda.cu"), os.path.join(CSRC, "ops_cuda.cpp")]
     return [
         CUDAExtension(
             "mcmi_torch._C",
-            sources + cuda_sources,
+            [*sources, os.path.join(CSRC, "cuda", "mcmi_cuda.cu")],
             extra_compile_args={
                 "cxx": [*CXX_FLAGS, "-DUSE_CUDA"],
                 "nvcc": ["-std=c++17", *OPT, "-DUSE_CUDA"],

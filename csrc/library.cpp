@@ -1,5 +1,5 @@
-// library.cpp: the schemas of the mcmi ops (implementations are registered
-// per device by ops_cpu.cpp and, in CUDA builds, ops_cuda.cpp).
+// library.cpp: the schemas of the mcmi ops (ops.cpp registers their
+// implementations for CPU and, in CUDA builds, for CUDA).
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(mcmi, m) {

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "mcmi_check.h"
 #include "mcmi_dtype.h"
 #include "mcmi_math.h"
 
@@ -64,21 +65,7 @@ typedef struct {
   size_t total;
 } loss_layout;
 
-/* Workspaces, buffers and every offset into them stay below this many
- * bytes, so that byte counts and element indices never overflow. */
-#define MCMI_MAX_BYTES ((size_t)PTRDIFF_MAX - 64u)
-
 static size_t align64(size_t n) { return (n + 63u) & ~(size_t)63u; }
-
-static size_t acc_size(mcmi_dtype dtype) {
-  return dtype == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
-}
-
-static size_t logit_size(mcmi_dtype dtype) {
-  return dtype == MCMI_FLOAT64   ? sizeof(double)
-         : dtype == MCMI_FLOAT32 ? sizeof(float)
-                                 : sizeof(uint16_t);
-}
 
 /* *out = align64(count * size), or 0 when that exceeds MCMI_MAX_BYTES. */
 static int bytes_of(size_t count, size_t size, size_t *out) {
@@ -108,26 +95,6 @@ static size_t take(layout_cursor *c, size_t count, size_t size) {
   return start;
 }
 
-/*
- * Rows of `cols` elements of `size` bytes, `stride` elements apart, have
- * every element index and byte offset representable: the last element sits
- * at (rows - 1) * stride + cols - 1. Outputs (`output` non-zero) must also
- * not overlap: stride >= cols whenever there are two rows or more.
- */
-static int extent_ok(int64_t rows, int64_t stride, int64_t cols, size_t size,
-                     int output) {
-  if (rows <= 0 || cols <= 0) {
-    return rows >= 0 && cols >= 0;
-  }
-  if (stride < 0 || (output && rows > 1 && stride < cols)) {
-    return 0;
-  }
-  size_t n, bytes;
-  return !__builtin_mul_overflow((size_t)(rows - 1), (size_t)stride, &n) &&
-         !__builtin_add_overflow(n, (size_t)cols, &n) &&
-         !__builtin_mul_overflow(n, size, &bytes) && bytes <= MCMI_MAX_BYTES;
-}
-
 /* Fewer threads for small problems (one per 4096 elements): forking costs
  * more than it saves below that. */
 static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
@@ -154,7 +121,7 @@ static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
 static int make_loss_layout(const mcmi_problem *p, int nt, int with_grad,
                             int ema, loss_layout *l) {
   const size_t rows = (size_t)p->rows, cols = (size_t)p->cols;
-  const size_t acc = acc_size(p->dtype);
+  const size_t acc = mcmi_acc_size(p->dtype);
   const size_t nslots = (size_t)(p->rows < p->classes ? p->rows : p->classes);
   const size_t nblocks = cols / MCMI_BLOCK + 1;
   const int batch = p->centroids == NULL;
@@ -336,60 +303,10 @@ static const cpu_kernels kernels_by_dtype[] = {
 };
 #undef MCMI_KERNELS_OF
 
-mcmi_status mcmi_check_targets(const int64_t *target, int64_t stride,
-                               int64_t rows, int64_t classes,
-                               int64_t ignore_index, int64_t *valid,
-                               int64_t *bad_index) {
-  if (rows < 0 || classes < 1 || (rows > 0 && target == NULL) ||
-      !extent_ok(rows, stride, 1, sizeof(int64_t), 0)) {
-    return MCMI_ERROR_ARGUMENT;
-  }
-  int64_t n = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t y = target[i * stride];
-    if (y == ignore_index) {
-      continue;
-    }
-    if (y < 0 || y >= classes) {
-      if (bad_index) {
-        *bad_index = i;
-      }
-      return MCMI_ERROR_TARGET;
-    }
-    ++n;
-  }
-  if (valid) {
-    *valid = n;
-  }
-  return MCMI_OK;
-}
-
-static int problem_ok(const mcmi_problem *p) {
-  if (p == NULL || p->rows < 0 || p->cols < 1 || p->classes < 1 ||
-      !(p->temperature > 0.0) || p->dtype < MCMI_FLOAT32 ||
-      p->dtype > MCMI_FLOAT16) {
-    return 0;
-  }
-  if (p->log_centroids && p->centroids == NULL) {
-    return 0;
-  }
-  /* The cross-entropy term reads z[i, y_i]: labels must index the logits. */
-  if (p->ce_weight != 0.0 && p->classes > p->cols) {
-    return 0;
-  }
-  if (!extent_ok(p->rows, p->logits_stride, p->cols, logit_size(p->dtype), 0) ||
-      !extent_ok(p->rows, p->target_stride, 1, sizeof(int64_t), 0) ||
-      (p->centroids != NULL && !extent_ok(p->classes, p->centroids_stride,
-                                          p->cols, acc_size(p->dtype), 0))) {
-    return 0;
-  }
-  return p->rows == 0 || (p->logits != NULL && p->target != NULL);
-}
-
 size_t mcmi_cpu_loss_workspace(const mcmi_problem *p, int num_threads,
                                int with_grad) {
   loss_layout lay;
-  if (!problem_ok(p) ||
+  if (!mcmi_problem_ok(p) ||
       !make_loss_layout(p, effective_threads(num_threads, p->rows, p->cols),
                         with_grad, 0, &lay)) {
     return 0;
@@ -401,16 +318,16 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
                           int64_t loss_stride, void *grad, int64_t grad_stride,
                           void *workspace, int num_threads,
                           int64_t *bad_index) {
-  if (!problem_ok(p) || p->reduction < MCMI_REDUCTION_NONE ||
-      p->reduction > MCMI_REDUCTION_SUM) {
+  if (!mcmi_loss_problem_ok(p)) {
     return MCMI_ERROR_ARGUMENT;
   }
-  const size_t elem = logit_size(p->dtype);
+  const size_t elem = mcmi_logit_size(p->dtype);
   const int per_row = p->reduction == MCMI_REDUCTION_NONE;
   /* Per-row losses of an empty batch are an empty (possibly NULL) array. */
   if ((loss == NULL && !(per_row && p->rows == 0)) ||
-      !extent_ok(per_row ? p->rows : 1, loss_stride, 1, elem, 1) ||
-      (grad != NULL && !extent_ok(p->rows, grad_stride, p->cols, elem, 1))) {
+      !mcmi_extent_ok(per_row ? p->rows : 1, loss_stride, 1, elem, 1) ||
+      (grad != NULL &&
+       !mcmi_extent_ok(p->rows, grad_stride, p->cols, elem, 1))) {
     return MCMI_ERROR_ARGUMENT;
   }
   int64_t valid = 0, bad = -1;
@@ -453,7 +370,7 @@ static int class_sums_layout(const mcmi_problem *p, size_t *slot_bytes,
 
 size_t mcmi_cpu_class_sums_workspace(const mcmi_problem *p) {
   size_t slot_bytes, stat_bytes, total;
-  if (!problem_ok(p) ||
+  if (!mcmi_problem_ok(p) ||
       !class_sums_layout(p, &slot_bytes, &stat_bytes, &total)) {
     return 0;
   }
@@ -465,9 +382,10 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
                                 int64_t *counts, void *workspace,
                                 int num_threads, int64_t *bad_index) {
   size_t slot_bytes, stat_bytes, total;
-  if (!problem_ok(p) || sums == NULL || counts == NULL ||
+  if (!mcmi_problem_ok(p) || sums == NULL || counts == NULL ||
       (p->rows > 0 && workspace == NULL) ||
-      !extent_ok(p->classes, sums_stride, p->cols, acc_size(p->dtype), 1) ||
+      !mcmi_extent_ok(p->classes, sums_stride, p->cols, mcmi_acc_size(p->dtype),
+                      1) ||
       !class_sums_layout(p, &slot_bytes, &stat_bytes, &total)) {
     return MCMI_ERROR_ARGUMENT;
   }
@@ -515,7 +433,7 @@ static int ema_threads(const mcmi_problem *p, int num_threads) {
 
 size_t mcmi_cpu_ema_workspace(const mcmi_problem *p, int num_threads) {
   loss_layout lay;
-  if (!problem_ok(p)) {
+  if (!mcmi_problem_ok(p)) {
     return 0;
   }
   const mcmi_problem b = batch_problem(p);
@@ -528,10 +446,10 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
                                 void *centroids, int64_t centroids_stride,
                                 uint8_t *seen, void *workspace, int num_threads,
                                 int64_t *bad_index) {
-  if (!problem_ok(p) || centroids == NULL || seen == NULL ||
-      workspace == NULL || !(momentum > 0.0 && momentum <= 1.0) ||
-      !extent_ok(p->classes, centroids_stride, p->cols, acc_size(p->dtype),
-                 1)) {
+  if (!mcmi_problem_ok(p) || centroids == NULL || seen == NULL ||
+      workspace == NULL || !mcmi_momentum_ok(momentum) ||
+      !mcmi_extent_ok(p->classes, centroids_stride, p->cols,
+                      mcmi_acc_size(p->dtype), 1)) {
     return MCMI_ERROR_ARGUMENT;
   }
   const mcmi_status st =
@@ -555,10 +473,7 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
 mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
                                 int64_t cols, int64_t stride, const void *scale,
                                 int64_t scale_stride, int num_threads) {
-  if (dtype < MCMI_FLOAT32 || dtype > MCMI_FLOAT16 ||
-      !extent_ok(rows, stride, cols, logit_size(dtype), 1) ||
-      !extent_ok(rows, scale_stride, 1, logit_size(dtype), 0) ||
-      (rows > 0 && cols > 0 && (!x || !scale))) {
+  if (!mcmi_scale_rows_ok(dtype, x, rows, cols, stride, scale, scale_stride)) {
     return MCMI_ERROR_ARGUMENT;
   }
   const int nt = effective_threads(num_threads, rows, cols);

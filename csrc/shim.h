@@ -1,6 +1,7 @@
-// shim.h: what the op shims share: argument validation and the translation
-// of stable-ABI tensors into the kernels' mcmi_problem. Everything here runs
-// before a kernel and throws (RuntimeError in Python) on bad input.
+// shim.h: the checks of every op argument (all but labels and centroid row
+// sums, which the kernels check as they read them) and the translation of
+// stable-ABI tensors into the kernels' mcmi_problem, for ops.cpp. All of it
+// runs before a kernel and throws (RuntimeError in Python) on bad input.
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -15,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "mcmi.h"
 
@@ -176,46 +178,49 @@ inline Inputs make_inputs(const Tensor &logits, const Tensor &target,
              temperature);
   check_num_classes(num_classes);
 
-  Inputs in{unit_column_stride(logits), target, std::nullopt, mcmi_problem{}};
-  mcmi_problem &p = in.problem;
-  p.rows = logits.size(0);
-  p.cols = logits.size(1);
-  p.classes = num_classes;
-  p.dtype = dtype;
-  p.logits_stride = in.logits.stride(0);
-  p.target_stride = target.stride(0);
-  p.temperature = temperature;
-  p.ignore_index = ignore_index;
-  p.reduction = MCMI_REDUCTION_MEAN;
-  p.floor = 0.0;
+  Inputs inputs{unit_column_stride(logits), target, std::nullopt,
+                mcmi_problem{}};
+  mcmi_problem &problem = inputs.problem;
+  problem.rows = logits.size(0);
+  problem.cols = logits.size(1);
+  problem.classes = num_classes;
+  problem.dtype = dtype;
+  problem.logits_stride = inputs.logits.stride(0);
+  problem.target_stride = target.stride(0);
+  problem.temperature = temperature;
+  problem.ignore_index = ignore_index;
+  problem.reduction = MCMI_REDUCTION_MEAN;
+  problem.floor = 0.0;
 
   if (centroids.has_value()) {
-    const Tensor &q = *centroids;
-    MCMI_CHECK(q.dim() == 2,
+    const Tensor &given = *centroids;
+    MCMI_CHECK(given.dim() == 2,
                "mcmi: centroids must be 2-D [num_classes, classes], got ",
-               q.dim(), " dimensions");
-    MCMI_CHECK(q.size(1) == logits.size(1), "mcmi: centroids have ", q.size(1),
-               " columns but logits have ", logits.size(1));
-    MCMI_CHECK(q.size(0) == num_classes, "mcmi: centroids have ", q.size(0),
-               " rows but num_classes is ", num_classes);
-    MCMI_CHECK(q.scalar_type() == accumulate_type(logits),
+               given.dim(), " dimensions");
+    MCMI_CHECK(given.size(1) == logits.size(1), "mcmi: centroids have ",
+               given.size(1), " columns but logits have ", logits.size(1));
+    MCMI_CHECK(given.size(0) == num_classes, "mcmi: centroids have ",
+               given.size(0), " rows but num_classes is ", num_classes);
+    MCMI_CHECK(given.scalar_type() == accumulate_type(logits),
                "mcmi: centroids must be ", dtype_name(accumulate_type(logits)),
                " for ", dtype_name(logits.scalar_type()), " logits, got ",
-               dtype_name(q.scalar_type()));
-    check_same_device(logits, q, "centroids");
-    in.centroids = unit_column_stride(q);
-    p.centroids_stride = in.centroids->stride(0);
+               dtype_name(given.scalar_type()));
+    check_same_device(logits, given, "centroids");
+    inputs.centroids = unit_column_stride(given);
+    problem.centroids_stride = inputs.centroids->stride(0);
   }
-  return in;
+  return inputs;
 }
 
 // Sets the data pointers of a problem built by make_inputs (CPU or device
 // pointers alike).
-inline void bind_pointers(Inputs &in) {
-  in.problem.logits = in.logits.const_data_ptr();
-  in.problem.target = static_cast<const int64_t *>(in.target.const_data_ptr());
-  in.problem.centroids =
-      in.centroids.has_value() ? in.centroids->const_data_ptr() : nullptr;
+inline void bind_pointers(Inputs &inputs) {
+  inputs.problem.logits = inputs.logits.const_data_ptr();
+  inputs.problem.target =
+      static_cast<const int64_t *>(inputs.target.const_data_ptr());
+  inputs.problem.centroids = inputs.centroids.has_value()
+                                 ? inputs.centroids->const_data_ptr()
+                                 : nullptr;
 }
 
 inline mcmi_reduction check_reduction(int64_t reduction) {
@@ -229,25 +234,26 @@ inline mcmi_reduction check_reduction(int64_t reduction) {
 
 // The smallest floor the kernels take: the smallest normal number of the
 // type they compute in (float32, or float64 for float64 logits), so that
-// log max(Q, floor) and P / max(Q, floor) stay finite and exact to rounding.
-inline double min_floor(const mcmi_problem &p) {
-  return p.dtype == MCMI_FLOAT64 ? 2.2250738585072014e-308
-                                 : 1.1754943508222875e-38;
+// log max(Q, floor) and P / max(Q, floor) stay finite and exact to rounding
+// (docs/math.md, "The floor on Q").
+inline double min_floor(const mcmi_problem &problem) {
+  return problem.dtype == MCMI_FLOAT64 ? 2.2250738585072014e-308
+                                       : 1.1754943508222875e-38;
 }
 
-inline void check_weights(const mcmi_problem &p, double ce_weight,
+inline void check_weights(const mcmi_problem &problem, double ce_weight,
                           double cmi_weight, double floor) {
-  MCMI_CHECK(ce_weight == 0.0 || p.classes <= p.cols,
+  MCMI_CHECK(ce_weight == 0.0 || problem.classes <= problem.cols,
              "mcmi: cross-entropy needs labels that index the logits, "
              "but num_classes (",
-             p.classes, ") > logits columns (", p.cols, ")");
+             problem.classes, ") > logits columns (", problem.cols, ")");
   MCMI_CHECK(std::isfinite(ce_weight) && std::isfinite(cmi_weight),
              "mcmi: loss weights must be finite, got ce_weight=", ce_weight,
              " cmi_weight=", cmi_weight);
-  MCMI_CHECK(floor >= min_floor(p) && floor < 1.0,
+  MCMI_CHECK(floor >= min_floor(problem) && floor < 1.0,
              "mcmi: centroid floor must be in (0, 1) and at least ",
-             min_floor(p), ", the smallest normal number of ",
-             p.dtype == MCMI_FLOAT64 ? "float64" : "float32",
+             min_floor(problem), ", the smallest normal number of ",
+             problem.dtype == MCMI_FLOAT64 ? "float64" : "float32",
              " (the type these logits are computed in), got ", floor);
 }
 
@@ -259,7 +265,7 @@ inline Tensor workspace(const Tensor &like, size_t bytes) {
 // Everything of mcmi::loss but the kernel: validated inputs, a bound
 // problem, and the outputs (loss: 0-D or [B]; grad: [B, C] or empty).
 struct LossCall {
-  Inputs in;
+  Inputs inputs;
   Tensor loss;
   Tensor grad;
   int64_t loss_stride;
@@ -272,32 +278,33 @@ inline LossCall prepare_loss(const Tensor &logits, const Tensor &target,
                              double cmi_weight, double floor,
                              int64_t ignore_index, int64_t reduction,
                              bool with_grad) {
-  Inputs in = make_inputs(logits, target, centroids, num_classes, temperature,
-                          ignore_index);
-  mcmi_problem &p = in.problem;
-  check_weights(p, ce_weight, cmi_weight, floor);
-  p.reduction = check_reduction(reduction);
+  Inputs inputs = make_inputs(logits, target, centroids, num_classes,
+                              temperature, ignore_index);
+  mcmi_problem &problem = inputs.problem;
+  check_weights(problem, ce_weight, cmi_weight, floor);
+  problem.reduction = check_reduction(reduction);
   MCMI_CHECK(!log_centroids || centroids.has_value(),
              "mcmi: log_centroids needs centroids");
-  p.log_centroids = log_centroids ? 1 : 0;
-  p.ce_weight = ce_weight;
-  p.cmi_weight = cmi_weight;
-  p.floor = floor;
-  bind_pointers(in);
-  const bool per_row = p.reduction == MCMI_REDUCTION_NONE;
+  problem.log_centroids = log_centroids ? 1 : 0;
+  problem.ce_weight = ce_weight;
+  problem.cmi_weight = cmi_weight;
+  problem.floor = floor;
+  bind_pointers(inputs);
+  const bool per_row = problem.reduction == MCMI_REDUCTION_NONE;
   Tensor loss = per_row
-                    ? torch::stable::new_empty(logits, {p.rows})
+                    ? torch::stable::new_empty(logits, {problem.rows})
                     : torch::stable::new_empty(logits, std::vector<int64_t>{});
-  Tensor grad = with_grad ? torch::stable::new_empty(logits, {p.rows, p.cols})
-                          : torch::stable::new_empty(logits, {0});
+  Tensor grad =
+      with_grad ? torch::stable::new_empty(logits, {problem.rows, problem.cols})
+                : torch::stable::new_empty(logits, {0});
   const int64_t loss_stride = per_row ? loss.stride(0) : 0;
-  return LossCall{in, loss, grad, loss_stride};
+  return LossCall{inputs, loss, grad, loss_stride};
 }
 
 // Validated inputs and the outputs of mcmi::class_sums (sums [K, C] in the
 // accumulation dtype, counts [K]).
 struct ClassSumsCall {
-  Inputs in;
+  Inputs inputs;
   Tensor sums;
   Tensor counts;
 };
@@ -306,17 +313,17 @@ inline ClassSumsCall prepare_class_sums(const Tensor &logits,
                                         const Tensor &target,
                                         int64_t num_classes, double temperature,
                                         int64_t ignore_index) {
-  Inputs in = make_inputs(logits, target, std::nullopt, num_classes,
-                          temperature, ignore_index);
-  bind_pointers(in);
-  Tensor sums = torch::stable::new_empty(logits, {num_classes, in.problem.cols},
-                                         accumulate_type(logits));
+  Inputs inputs = make_inputs(logits, target, std::nullopt, num_classes,
+                              temperature, ignore_index);
+  bind_pointers(inputs);
+  Tensor sums = torch::stable::new_empty(
+      logits, {num_classes, inputs.problem.cols}, accumulate_type(logits));
   Tensor counts =
       torch::stable::new_empty(logits, {num_classes}, ScalarType::Long);
-  return ClassSumsCall{in, sums, counts};
+  return ClassSumsCall{inputs, sums, counts};
 }
 
-// Checks of mcmi::scale_grad_ and mcmi::ema_update_ shared by the devices.
+// Checks of mcmi::scale_grad_.
 inline void check_scale_args(const Tensor &grad, const Tensor &scale) {
   check_same_device(grad, scale, "scale", "grad");
   check_inplace_rows(grad, "grad");
@@ -329,6 +336,8 @@ inline void check_scale_args(const Tensor &grad, const Tensor &scale) {
   check_disjoint(grad, "grad", scale, "scale");
 }
 
+// Validated inputs of mcmi::ema_update_, bound; centroids and seen are
+// written in place.
 inline Inputs ema_inputs(const Tensor &centroids, const Tensor &seen,
                          const Tensor &logits, const Tensor &target,
                          double temperature, double momentum,
@@ -336,8 +345,8 @@ inline Inputs ema_inputs(const Tensor &centroids, const Tensor &seen,
   check_same_device(logits, centroids, "centroids");
   check_same_device(logits, seen, "seen");
   check_inplace_rows(centroids, "centroids");
-  Inputs in = make_inputs(logits, target, centroids, centroids.size(0),
-                          temperature, ignore_index);
+  Inputs inputs = make_inputs(logits, target, centroids, centroids.size(0),
+                              temperature, ignore_index);
   MCMI_CHECK(seen.dim() == 1 && seen.size(0) == centroids.size(0) &&
                  seen.scalar_type() == ScalarType::Bool,
              "mcmi: seen must be a bool tensor with one entry per class");
@@ -350,21 +359,23 @@ inline Inputs ema_inputs(const Tensor &centroids, const Tensor &seen,
   check_disjoint(seen, "seen", target, "target");
   MCMI_CHECK(momentum > 0.0 && momentum <= 1.0,
              "mcmi: momentum must be in (0, 1], got ", momentum);
-  bind_pointers(in);
-  return in;
+  bind_pointers(inputs);
+  return inputs;
 }
 
-// Throws the message that belongs to a kernel status.
-inline void check_status(mcmi_status st, int64_t bad, int64_t classes,
+// Throws the message that belongs to a kernel status; bad_index is the
+// kernel's row of a bad label or class of a bad centroid row.
+inline void check_status(mcmi_status status, int64_t bad_index, int64_t classes,
                          int64_t ignore_index) {
-  switch (st) {
+  switch (status) {
   case MCMI_OK:
     return;
   case MCMI_ERROR_TARGET:
-    fail("mcmi: target[", bad, "] is out of range: labels must be in [0, ",
-         classes, ") or equal ignore_index (", ignore_index, ")");
+    fail("mcmi: target[", bad_index,
+         "] is out of range: labels must be in [0, ", classes,
+         ") or equal ignore_index (", ignore_index, ")");
   case MCMI_ERROR_CENTROIDS:
-    fail("mcmi: centroids row ", bad,
+    fail("mcmi: centroids row ", bad_index,
          " is not a probability vector (its entries must sum to 1 within ",
          MCMI_CENTROID_SUM_TOLERANCE, ")");
   default:

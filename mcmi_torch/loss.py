@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ops
+from ._C import CENTROID_SUM_TOLERANCE
 from .distributed import all_reduce_sum, is_distributed
 from .functional import flatten_classes, unflatten
 from .guard import CollapseGuard
-
-_ROW_SUM_TOLERANCE = 1e-3
 
 
 def check_centroids(centroids: Tensor) -> Tensor:
@@ -34,7 +33,7 @@ def check_centroids(centroids: Tensor) -> Tensor:
         raise ValueError("centroids hold negative entries; rows must be probability vectors")
     row_sums = q.sum(dim=1, dtype=torch.float64)
     worst = (row_sums - 1).abs().max().item() if q.shape[0] else 0.0
-    if worst > _ROW_SUM_TOLERANCE:
+    if worst > CENTROID_SUM_TOLERANCE:
         raise ValueError(
             f"centroids rows must sum to 1 (worst row is off by {worst:.3g}); "
             "pass probability vectors, e.g. from mcmi_torch.estimate_centroids"

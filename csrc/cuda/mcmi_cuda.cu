@@ -25,6 +25,7 @@
 
 #include <type_traits>
 
+#include "../mcmi_check.h"
 #include "../mcmi_math.h"
 #include "mcmi_cuda.h"
 
@@ -989,21 +990,6 @@ Slots slots_in(const Layout &l, char *ws) {
                (int64_t *)(ws + l.cursor),     (int64_t *)(ws + l.used)};
 }
 
-bool problem_ok(const mcmi_problem *p) {
-  if (p == nullptr || p->rows < 0 || p->cols < 1 || p->classes < 1 ||
-      !(p->temperature > 0.0) || p->dtype < MCMI_FLOAT32 ||
-      p->dtype > MCMI_FLOAT16) {
-    return false;
-  }
-  if (p->ce_weight != 0.0 && p->classes > p->cols) {
-    return false;
-  }
-  if (p->log_centroids && p->centroids == nullptr) {
-    return false;
-  }
-  return p->rows == 0 || (p->logits != nullptr && p->target != nullptr);
-}
-
 unsigned blocks_for(int64_t n) {
   return (unsigned)((n + kThreads - 1) / kThreads);
 }
@@ -1194,18 +1180,17 @@ void ema_launch(const mcmi_problem &p, A momentum, A *centroids,
 extern "C" {
 
 size_t mcmi_cuda_loss_workspace(const mcmi_problem *p) {
-  return problem_ok(p) ? make_layout(p, p->centroids == nullptr).total : 0;
+  return mcmi_problem_ok(p) ? make_layout(p, p->centroids == nullptr).total : 0;
 }
 
 size_t mcmi_cuda_class_sums_workspace(const mcmi_problem *p) {
-  return problem_ok(p) ? make_layout(p, true).total : 0;
+  return mcmi_problem_ok(p) ? make_layout(p, true).total : 0;
 }
 
 mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
                            int64_t loss_stride, void *grad, int64_t grad_stride,
                            void *workspace, void *stream) {
-  if (!problem_ok(p) || p->reduction < MCMI_REDUCTION_NONE ||
-      p->reduction > MCMI_REDUCTION_SUM || workspace == nullptr ||
+  if (!mcmi_loss_problem_ok(p) || workspace == nullptr ||
       (loss == nullptr &&
        !(p->reduction == MCMI_REDUCTION_NONE && p->rows == 0))) {
     return MCMI_ERROR_ARGUMENT;
@@ -1223,7 +1208,7 @@ mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
                                  void *sums, int64_t sums_stride,
                                  int64_t *counts, int64_t *bad_row,
                                  void *workspace, void *stream) {
-  if (!problem_ok(p) || sums == nullptr || counts == nullptr ||
+  if (!mcmi_problem_ok(p) || sums == nullptr || counts == nullptr ||
       bad_row == nullptr || workspace == nullptr) {
     return MCMI_ERROR_ARGUMENT;
   }
@@ -1241,9 +1226,9 @@ mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *centroids, int64_t centroids_stride,
                                  uint8_t *seen, int64_t *bad_row,
                                  void *workspace, void *stream) {
-  if (!problem_ok(p) || centroids == nullptr || seen == nullptr ||
+  if (!mcmi_problem_ok(p) || centroids == nullptr || seen == nullptr ||
       bad_row == nullptr || workspace == nullptr ||
-      !(momentum > 0.0 && momentum <= 1.0)) {
+      !mcmi_momentum_ok(momentum)) {
     return MCMI_ERROR_ARGUMENT;
   }
   cudaStream_t s = (cudaStream_t)stream;
@@ -1260,8 +1245,7 @@ mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
                                  int64_t cols, int64_t stride,
                                  const void *scale, int64_t scale_stride,
                                  void *stream) {
-  if (dtype < MCMI_FLOAT32 || dtype > MCMI_FLOAT16 || rows < 0 || cols < 0 ||
-      (rows > 0 && cols > 0 && (!x || !scale))) {
+  if (!mcmi_scale_rows_ok(dtype, x, rows, cols, stride, scale, scale_stride)) {
     return MCMI_ERROR_ARGUMENT;
   }
   if (rows == 0 || cols == 0) {
