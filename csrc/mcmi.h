@@ -33,6 +33,9 @@ typedef enum {
   MCMI_FLOAT16 = 3
 } mcmi_dtype;
 
+/* The number of dtypes: they are 0 .. MCMI_DTYPE_COUNT - 1. */
+#define MCMI_DTYPE_COUNT 4
+
 typedef enum {
   MCMI_REDUCTION_NONE = 0,
   MCMI_REDUCTION_MEAN = 1,

@@ -5,7 +5,7 @@
 #include "mcmi_check.h"
 
 int mcmi_dtype_ok(mcmi_dtype dtype) {
-  return dtype >= MCMI_FLOAT32 && dtype <= MCMI_FLOAT16;
+  return (int)dtype >= 0 && (int)dtype < MCMI_DTYPE_COUNT;
 }
 
 int mcmi_extent_ok(int64_t rows, int64_t stride, int64_t cols, size_t size,

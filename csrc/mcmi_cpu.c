@@ -302,6 +302,9 @@ static const cpu_kernels kernels_by_dtype[] = {
     [MCMI_FLOAT16] = MCMI_KERNELS_OF(f16),
 };
 #undef MCMI_KERNELS_OF
+_Static_assert(sizeof kernels_by_dtype / sizeof kernels_by_dtype[0] ==
+                   MCMI_DTYPE_COUNT,
+               "a dtype of mcmi.h has no CPU kernels");
 
 size_t mcmi_cpu_loss_workspace(const mcmi_problem *p, int num_threads,
                                int with_grad) {
