@@ -912,10 +912,6 @@ __global__ void scale_rows_kernel(T *x, int64_t rows, int64_t cols,
 
 size_t align_up(size_t n) { return (n + 255u) & ~(size_t)255u; }
 
-size_t acc_bytes(mcmi_dtype d) {
-  return d == MCMI_FLOAT64 ? sizeof(double) : sizeof(float);
-}
-
 /* Slots for at most min(rows, classes) classes present. */
 int64_t max_slots(const mcmi_problem *p) {
   return p->rows < p->classes ? p->rows : p->classes;
@@ -974,7 +970,7 @@ Layout make_layout(const mcmi_problem *p, bool means) {
   l.slot_offset = take(slots * sizeof(int64_t));
   l.cursor = take(slots * sizeof(int64_t));
   l.order = take(rows * sizeof(int64_t));
-  l.means = take(means ? slots * (size_t)p->cols * acc_bytes(p->dtype) : 0);
+  l.means = take(means ? slots * (size_t)p->cols * mcmi_acc_size(p->dtype) : 0);
   const Split sp = split_plan(p);
   const size_t split_rows = sp.splits > 1 ? rows : 0;
   l.parts = take(split_rows * (size_t)sp.splits * 2 * sizeof(Partial<double>));
