@@ -7,7 +7,7 @@ from conftest import random_problem
 
 import mcmi_torch
 from mcmi_torch import reference
-from mcmi_torch._ops import CENTROID_FLOOR, REDUCTIONS
+from mcmi_torch._args import CENTROID_FLOOR, REDUCTIONS
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -7,7 +7,7 @@ import torch
 from conftest import RTOL, assert_close_rel, random_problem
 
 import mcmi_torch
-from mcmi_torch._ops import CENTROID_FLOOR
+from mcmi_torch._args import CENTROID_FLOOR
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,7 +7,7 @@ import torch
 from conftest import random_problem
 
 import mcmi_torch
-from mcmi_torch._ops import CENTROID_FLOOR
+from mcmi_torch._args import CENTROID_FLOOR
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ def test_fused_ema_update_matches_the_sums_path(monkeypatch):
         target[target == 3] = 2  # class 3 never appears
         fused(logits, target)
         with monkeypatch.context() as m:
-            m.setattr(mcmi_torch.loss, "is_distributed", lambda: True)
+            m.setattr(mcmi_torch._modes, "is_distributed", lambda: True)
             summed(logits, target)
         torch.testing.assert_close(fused.centroids, summed.centroids, rtol=1e-6, atol=1e-7)
         assert torch.equal(fused.seen, summed.seen)
