@@ -7,17 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops
-from ._args import (
-    CENTROID_FLOOR,
-    autocast_float32,
-    check_int,
-    check_real,
-    check_reduction,
-    check_temperature,
-    check_tensors,
-    prepare_centroids,
-)
+from . import _args, _ops
 
 
 def flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, torch.Size | None]:
@@ -29,7 +19,7 @@ def flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tor
 
     Raises on class-probability (floating-point) targets, which these losses
     do not take: the CMI term conditions on each sample's class."""
-    check_tensors(logits=logits, target=target)
+    _args.check_tensors(logits=logits, target=target)
     if target.is_floating_point():
         raise TypeError(
             f"target is {target.dtype}: class-probability targets, which nn.CrossEntropyLoss "
@@ -158,11 +148,11 @@ def loss(
     logits and ``[B]`` targets as :func:`flatten_classes` returns them (float32
     under autocast). With ``log_centroids``, ``centroids`` holds
     ``log max(Q, CENTROID_FLOOR)``."""
-    logits = autocast_float32(logits)
-    code = check_reduction(reduction)
-    temperature = check_temperature(temperature, logits)
-    ignore_index = check_int("ignore_index", ignore_index)
-    centroids = prepare_centroids(centroids, logits)
+    logits = _args.autocast_float32(logits)
+    code = _args.check_reduction(reduction)
+    temperature = _args.check_temperature(temperature, logits)
+    ignore_index = _args.check_int("ignore_index", ignore_index)
+    centroids = _args.prepare_centroids(centroids, logits)
     if num_classes is None:
         has_rows = centroids is not None and centroids.dim() == 2
         num_classes = centroids.shape[0] if has_rows else logits.shape[-1]
@@ -172,11 +162,11 @@ def loss(
         target,
         centroids,
         bool(log_centroids),
-        check_int("num_classes", num_classes),
+        _args.check_int("num_classes", num_classes),
         temperature,
-        check_real("ce_weight", ce_weight),
-        check_real("cmi_weight", cmi_weight),
-        CENTROID_FLOOR,
+        _args.check_real("ce_weight", ce_weight),
+        _args.check_real("cmi_weight", cmi_weight),
+        _args.CENTROID_FLOOR,
         ignore_index,
         code,
         with_grad,
@@ -201,12 +191,12 @@ def class_sums(
     with ``log_probs=True``) and per-class counts, over rows whose label is
     not ``ignore_index``. Returns ``(sums [K, C], counts [K])``; sums are
     float64 for float64 logits and float32 otherwise. No gradient."""
-    check_tensors(logits=logits, target=target)
+    _args.check_tensors(logits=logits, target=target)
     return torch.ops.mcmi.class_sums(
         logits.detach(),
         target,
-        check_int("num_classes", num_classes),
-        check_temperature(temperature, logits),
-        check_int("ignore_index", ignore_index),
+        _args.check_int("num_classes", num_classes),
+        _args.check_temperature(temperature, logits),
+        _args.check_int("ignore_index", ignore_index),
         bool(log_probs),
     )

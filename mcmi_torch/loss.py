@@ -8,13 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._args import (
-    autocast_float32,
-    check_int,
-    check_positive_finite,
-    check_real,
-    check_reduction,
-)
+from . import _args
 from ._modes import CentroidMode, centroid_mode
 from .functional import flatten_classes, loss, unflatten
 from .guard import CollapseGuard
@@ -101,19 +95,19 @@ class MCMILoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        momentum = check_real("momentum", momentum)
+        momentum = _args.check_real("momentum", momentum)
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-        check_reduction(reduction)
+        _args.check_reduction(reduction)
         if num_classes is not None:
-            num_classes = check_int("num_classes", num_classes, minimum=1)
+            num_classes = _args.check_int("num_classes", num_classes, minimum=1)
         self.lam = lam
-        self.temperature = check_positive_finite("temperature", temperature)
+        self.temperature = _args.check_positive_finite("temperature", temperature)
         self.momentum = momentum
-        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.ignore_index = _args.check_int("ignore_index", ignore_index)
         self.reduction = reduction
         self.guard = CollapseGuard()
-        label_smoothing = check_real("label_smoothing", label_smoothing)
+        label_smoothing = _args.check_real("label_smoothing", label_smoothing)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.label_smoothing = label_smoothing
@@ -139,7 +133,7 @@ class MCMILoss(nn.Module):
 
     @lam.setter
     def lam(self, value: float) -> None:
-        value = check_real("lam", value)
+        value = _args.check_real("lam", value)
         if not math.isfinite(value):
             raise ValueError(f"lam must be finite, got {value}")
         self._lam = value
@@ -195,7 +189,7 @@ class MCMILoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, shape = flatten_classes(logits, target)
-        logits = autocast_float32(logits)
+        logits = _args.autocast_float32(logits)
         centroids = self.centroid_mode.before_step(self, logits, target)
         fused_ce = self.weight is None and self.label_smoothing == 0.0
         value = loss(

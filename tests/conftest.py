@@ -13,7 +13,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 CENTROID_MODES = ["fixed", "batch", "ema"]
 
-# Relative error bounds of SPEC section 5, against a float64 reference.
+# Relative error bounds against a float64 reference (docs/math.md, "Precision").
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
@@ -30,11 +30,12 @@ def random_problem(rows, cols, classes=None, *, dtype=torch.float32, scale=3.0, 
 
 
 def assert_close_rel(actual, expected, rtol, what="", floor=1.0):
-    """max |a - e| <= rtol * max(max |e|, floor): the relative error of SPEC 5,
-    measured against the largest entry so that entries near 0 do not dominate,
-    and absolute below `floor`. A KL near 0 (one sample per class with
-    in-batch centroids) has no meaningful relative error: its float32 error is
-    unit roundoff times the size of the log terms it cancels (log C + |z/T|)."""
+    """max |a - e| <= rtol * max(max |e|, floor): the relative error of
+    docs/math.md ("Precision"), measured against the largest entry so that
+    entries near 0 do not dominate, and absolute below `floor`. A KL near 0
+    (one sample per class with in-batch centroids) has no meaningful relative
+    error: its float32 error is unit roundoff times the size of the log terms
+    it cancels (log C + |z/T|)."""
     actual = actual.detach().double()
     expected = expected.detach().double()
     assert actual.shape == expected.shape, what
