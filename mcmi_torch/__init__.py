@@ -23,9 +23,9 @@ except ImportError as error:
     raise
 
 from . import metrics, mimkd, reference
-from ._ops import CENTROID_FLOOR, class_sums
+from ._args import CENTROID_FLOOR
 from .centroids import estimate_centroids
-from .functional import cmi, mcmi
+from .functional import class_sums, cmi, mcmi
 from .guard import CollapseWarning, suggest_lambda
 from .loss import MCMILoss
 

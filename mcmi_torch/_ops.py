@@ -1,5 +1,7 @@
-"""Registration of the ``torch.ops.mcmi`` ops with autograd and torch.compile,
-and the one internal entry point the public API goes through.
+"""Registration of the ``torch.ops.mcmi`` ops: fake kernels (torch.compile),
+the autograd formula, autocast rules and the eager fast path. The entry point
+the public API goes through is ``functional.loss``; argument conversion lives
+in ``_args``.
 
 The forward op computes the loss and, when a gradient will be needed, the
 gradient for a unit upstream gradient in the same pass over the logits. The
@@ -15,22 +17,13 @@ derivatives (a gradient penalty, a Hessian-vector product) are exact.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
-import operator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the kernels and registers the ops)
-
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-#: Centroid entries are clamped from below to this value before the log, so
-#: that ``log Q`` stays finite (see docs/math.md).
-CENTROID_FLOOR = 1e-12
-
+from ._args import REDUCTIONS, class_means, compute_dtype
 
 #: Largest ``num_classes`` the ops take (the C++ shim holds the same bound).
 MAX_CLASSES = (1 << 31) - 1
@@ -46,6 +39,7 @@ def _check_devices(first_name: str, first: Tensor, **others: Tensor | None) -> N
 
 
 def _check_num_classes(num_classes: int) -> None:
+    """The shim's bound on ``num_classes``, raised at trace time as well."""
     if not 1 <= num_classes <= MAX_CLASSES:
         raise RuntimeError(
             f"mcmi: num_classes must be >= 1 and <= {MAX_CLASSES}, got {num_classes}"
@@ -133,30 +127,32 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad, logits, target)
 
 
-def _class_means(p, y, valid, num_classes):
-    """In-batch centroids ``[K, C]`` (mean of the rows ``p`` of each class,
-    differentiable) and the class counts clamped to >= 1, as a ``[K, 1]``
-    column."""
-    sums = p.new_zeros(num_classes, p.shape[1]).index_add(0, y[valid], p[valid])
-    counts = torch.bincount(y[valid], minlength=num_classes).clamp_min(1).unsqueeze(1)
-    return sums / counts, counts
+def _batch_class_means(probs, labels, valid, num_classes):
+    """In-batch centroids ``[K, C]`` (differentiable: the mean of the rows
+    ``probs`` of each class) and the class counts ``[K]``."""
+    sums = probs.new_zeros(num_classes, probs.shape[1])
+    sums = sums.index_add(0, labels[valid], probs[valid])
+    counts = torch.bincount(labels[valid], minlength=num_classes)
+    return class_means(sums, counts), counts
 
 
 def _batch_centroid_path(logits, target, weight, args):
     """Gradient that flows through in-batch centroids when the per-row
-    upstream weights differ within a class (zero when they are equal).
-    Differentiable torch ops throughout."""
+    upstream weights differ within a class (zero when they are equal; see
+    docs/math.md, "The gradient"). Differentiable torch ops throughout."""
     num_classes, temperature, floor = args.num_classes, args.temperature, args.floor
     dtype = compute_dtype(logits)
-    p = torch.softmax(logits.to(dtype) / temperature, dim=1)
+    probs = torch.softmax(logits.to(dtype) / temperature, dim=1)
     valid = target != args.ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    w = torch.where(valid, weight.to(dtype), torch.zeros_like(p[:, 0]))
-    q, counts = _class_means(p, y, valid, num_classes)
-    live = (q >= floor).to(dtype)
-    a = p.new_zeros(q.shape).index_add(0, y, w.unsqueeze(1) * p / q.clamp_min(floor)[y])
-    v = (-args.cmi_weight * live * a / counts)[y] * valid.unsqueeze(1).to(dtype)
-    return p * (v - (p * v).sum(dim=1, keepdim=True)) / temperature
+    labels = torch.where(valid, target, torch.zeros_like(target))
+    row_weight = torch.where(valid, weight.to(dtype), torch.zeros_like(probs[:, 0]))
+    centroids, counts = _batch_class_means(probs, labels, valid, num_classes)
+    live = (centroids >= floor).to(dtype)
+    ratio = row_weight.unsqueeze(1) * probs / centroids.clamp_min(floor)[labels]
+    ratio_sums = probs.new_zeros(centroids.shape).index_add(0, labels, ratio)
+    upstream = class_means(-args.cmi_weight * live * ratio_sums, counts)[labels]
+    upstream = upstream * valid.unsqueeze(1).to(dtype)
+    return probs * (upstream - (probs * upstream).sum(dim=1, keepdim=True)) / temperature
 
 
 def _saved_centroids(ctx, create_graph):
@@ -180,31 +176,34 @@ def _saved_centroids(ctx, create_graph):
 
 def _graph_grad(ctx, logits, target, grad_loss):
     """The gradient for ``grad_loss`` as differentiable torch ops, for a
-    backward with ``create_graph=True``: the formula of docs/math.md with the
-    path through in-batch centroids, so that autograd can differentiate it
-    with respect to the logits (through the centroids too) and ``grad_loss``."""
+    backward with ``create_graph=True``: the formula of docs/math.md ("The
+    gradient", "Second derivatives") with the path through in-batch
+    centroids, so that autograd can differentiate it with respect to the
+    logits (through the centroids too) and ``grad_loss``."""
     args = ctx.args
     centroids = _saved_centroids(ctx, create_graph=True)
     dtype = compute_dtype(logits)
-    z = logits.to(dtype)
+    scaled = logits.to(dtype)
     valid = target != args.ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    weight = grad_loss.to(dtype).expand(z.shape[0]) * valid.to(dtype)
+    labels = torch.where(valid, target, torch.zeros_like(target))
+    weight = grad_loss.to(dtype).expand(scaled.shape[0]) * valid.to(dtype)
     if args.reduction == REDUCTIONS["mean"]:
         weight = weight / valid.sum().clamp_min(1).to(dtype)
-    log_p = torch.log_softmax(z / args.temperature, dim=1)
-    p = log_p.exp()
+    log_probs = torch.log_softmax(scaled / args.temperature, dim=1)
+    probs = log_probs.exp()
     if centroids is None:
-        log_q = _class_means(p, y, valid, args.num_classes)[0].clamp_min(args.floor).log()
+        means = _batch_class_means(probs, labels, valid, args.num_classes)[0]
+        log_centroids = means.clamp_min(args.floor).log()
     elif args.log_centroids:
-        log_q = centroids
+        log_centroids = centroids
     else:
-        log_q = centroids.clamp_min(args.floor).log()
-    d = log_p - log_q[y]
-    grad = args.cmi_weight / args.temperature * p * (d - (p * d).sum(dim=1, keepdim=True))
+        log_centroids = centroids.clamp_min(args.floor).log()
+    diff = log_probs - log_centroids[labels]
+    kl_grad = probs * (diff - (probs * diff).sum(dim=1, keepdim=True))
+    grad = args.cmi_weight / args.temperature * kl_grad
     if args.ce_weight != 0:
-        one_hot = torch.nn.functional.one_hot(y, z.shape[1]).to(dtype)
-        grad = grad + args.ce_weight * (torch.softmax(z, dim=1) - one_hot)
+        one_hot = torch.nn.functional.one_hot(labels, scaled.shape[1]).to(dtype)
+        grad = grad + args.ce_weight * (torch.softmax(scaled, dim=1) - one_hot)
     grad = grad * weight.unsqueeze(1)
     if centroids is None and args.cmi_weight != 0:
         grad = grad + _batch_centroid_path(logits, target, weight, args)
@@ -247,7 +246,7 @@ def _loss_backward(ctx, grad_loss, _unused):
     args = ctx.args
     if ctx.centroids is None and args.reduction == REDUCTIONS["none"] and args.cmi_weight != 0:
         # In-batch centroids with per-row outputs: the path through the
-        # centroids no longer cancels (see docs/math.md).
+        # centroids no longer cancels (docs/math.md, "The gradient").
         grad = grad + _batch_centroid_path(logits, target, grad_loss, ctx.args).to(grad.dtype)
     return (grad,) + (None,) * 11
 
@@ -282,21 +281,11 @@ class _EagerLoss(torch.autograd.Function):
 # Under autocast, mcmi::loss runs in float32 as F.cross_entropy does (autocast's
 # fp32 list): 16-bit floating inputs are cast to float32, so the loss comes back
 # in float32 and the cast's backward returns the gradient in the logits' dtype.
-# The Python entry point casts before the op (so eager calls and torch.compile
-# trace the same cast); these rules cover direct calls of the op.
+# The Python entry point casts before the op (``_args.autocast_float32``, so
+# eager calls and torch.compile trace the same cast); these rules cover direct
+# calls of the op.
 for _device_type in ("cpu", "cuda"):
     torch.library.register_autocast("mcmi::loss", _device_type, torch.float32)
-
-_AUTOCAST_CAST = (torch.float16, torch.bfloat16)
-
-
-def autocast_float32(logits: Tensor) -> Tensor:
-    """``logits`` cast to float32 when they are 16-bit and autocast is enabled
-    for their device (what autocast does to the inputs of F.cross_entropy);
-    otherwise ``logits`` themselves."""
-    if logits.dtype in _AUTOCAST_CAST and torch.is_autocast_enabled(logits.device.type):
-        return logits.float()
-    return logits
 
 
 class _FuncLoss(torch.autograd.Function):
@@ -311,162 +300,3 @@ class _FuncLoss(torch.autograd.Function):
 
     setup_context = staticmethod(_loss_setup_context)
     backward = staticmethod(_loss_backward)
-
-
-def compute_dtype(logits: Tensor) -> torch.dtype:
-    """Dtype the kernels work in (and centroids must have) for these logits."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def prepare_centroids(centroids: Tensor | None, logits: Tensor) -> Tensor | None:
-    """Centroids as the kernels take them, in the compute dtype (constants:
-    the ops give them no gradient)."""
-    if centroids is None:
-        return None
-    if not isinstance(centroids, Tensor):
-        raise TypeError(f"centroids must be a Tensor or None, got {type(centroids).__name__}")
-    if not centroids.is_floating_point():
-        raise TypeError(f"centroids must be a floating-point tensor, got {centroids.dtype}")
-    return centroids.to(compute_dtype(logits))
-
-
-def check_tensors(**tensors) -> None:
-    for name, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
-
-
-def check_reduction(reduction: str) -> int:
-    try:
-        return REDUCTIONS[reduction]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}"
-        ) from None
-
-
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-
-
-def check_int(name: str, value, minimum: int | None = None) -> int:
-    """``value`` as a Python int: an int or integer scalar (numpy, 0-D integer
-    tensor), never a bool or a float (nothing is truncated), within int64 and
-    at least ``minimum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool {value}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if not _INT64[0] <= number <= _INT64[1]:
-        raise ValueError(f"{name} must fit in int64, got {number}")
-    if minimum is not None and number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {number}")
-    return number
-
-
-def check_real(name: str, value) -> float:
-    """``value`` as a Python float: a real number (int, float, numpy scalar),
-    never a bool, a string or a tensor."""
-    if type(value) is float:
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = " (use .item())" if isinstance(value, Tensor) else ""
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
-    return float(value)
-
-
-def check_positive_finite(name: str, value: float) -> float:
-    value = check_real(name, value)
-    if torch.compiler.is_compiling():
-        # Possibly symbolic (dynamic shapes): the op checks it when it runs.
-        return value
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def check_temperature(temperature: float, logits: Tensor) -> float:
-    """A finite ``temperature > 0`` whose reciprocal the compute dtype of
-    ``logits`` holds (the kernels scale by ``1 / T``): at least
-    ``1 / finfo.max``, about 2.9e-39 for float32 and 5.6e-309 for float64."""
-    temperature = check_positive_finite("temperature", temperature)
-    dtype = compute_dtype(logits)
-    if not torch.compiler.is_compiling() and not 1.0 / temperature <= torch.finfo(dtype).max:
-        raise ValueError(
-            f"temperature={temperature:g} is too small for {logits.dtype} logits: the kernels "
-            f"compute in {dtype}, where 1 / temperature overflows; use a temperature >= "
-            f"{1.0 / torch.finfo(dtype).max:.3g}"
-            + (" or float64 logits" if dtype != torch.float64 else "")
-        )
-    return temperature
-
-
-def loss(
-    logits: Tensor,
-    target: Tensor,
-    centroids: Tensor | None,
-    *,
-    ce_weight: float,
-    cmi_weight: float,
-    temperature: float,
-    ignore_index: int,
-    reduction: str,
-    num_classes: int | None = None,
-    log_centroids: bool = False,
-) -> Tensor:
-    """``ce_weight * CE + cmi_weight * CMI`` through the fused op, for ``[B, C]``
-    logits (float32 under autocast). With ``log_centroids``, ``centroids``
-    holds ``log max(Q, CENTROID_FLOOR)``."""
-    check_tensors(logits=logits, target=target)
-    logits = autocast_float32(logits)
-    code = check_reduction(reduction)
-    temperature = check_temperature(temperature, logits)
-    ignore_index = check_int("ignore_index", ignore_index)
-    q = prepare_centroids(centroids, logits)
-    if num_classes is None:
-        num_classes = q.shape[0] if q is not None and q.dim() == 2 else logits.shape[-1]
-    with_grad = torch.is_grad_enabled() and logits.requires_grad
-    args = (
-        logits,
-        target,
-        q,
-        bool(log_centroids),
-        check_int("num_classes", num_classes),
-        temperature,
-        check_real("ce_weight", ce_weight),
-        check_real("cmi_weight", cmi_weight),
-        CENTROID_FLOOR,
-        ignore_index,
-        code,
-        with_grad,
-    )
-    if with_grad and not torch.compiler.is_compiling():
-        if torch._C._are_functorch_transforms_active():
-            return _FuncLoss.apply(*args)[0]
-        return _EagerLoss.apply(*args)[0]
-    return torch.ops.mcmi.loss.default(*args)[0]
-
-
-def class_sums(
-    logits: Tensor,
-    target: Tensor,
-    num_classes: int,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    log_probs: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Per-class sums of ``softmax(logits / T)`` rows (``log_softmax`` rows
-    with ``log_probs=True``) and per-class counts, over rows whose label is
-    not ``ignore_index``. Returns ``(sums [K, C], counts [K])``; sums are
-    float64 for float64 logits and float32 otherwise. No gradient."""
-    check_tensors(logits=logits, target=target)
-    return torch.ops.mcmi.class_sums(
-        logits.detach(),
-        target,
-        check_int("num_classes", num_classes),
-        check_temperature(temperature, logits),
-        check_int("ignore_index", ignore_index),
-        bool(log_probs),
-    )

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import _ops
 from .distributed import all_reduce_sum
+from .functional import class_sums
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -138,7 +138,7 @@ def estimate_centroids(
         output=output,
     )
     for logits, targets in outputs:
-        s, c = _ops.class_sums(logits, targets, num_classes, temperature=temperature)
+        s, c = class_sums(logits, targets, num_classes, temperature=temperature)
         sums = s.double() if sums is None else sums + s
         counts = c if counts is None else counts + c
     if sums is None:

@@ -1,11 +1,13 @@
-"""Functional form of the CMI estimate and of the MCMI regularizer."""
+"""Functional form of the CMI estimate and of the MCMI regularizer, the
+per-class sums, and ``loss``: the one entry point into ``mcmi::loss`` that the
+public API goes through."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _args, _ops
 
 
 def flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, torch.Size | None]:
@@ -17,7 +19,7 @@ def flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tor
 
     Raises on class-probability (floating-point) targets, which these losses
     do not take: the CMI term conditions on each sample's class."""
-    _ops.check_tensors(logits=logits, target=target)
+    _args.check_tensors(logits=logits, target=target)
     if target.is_floating_point():
         raise TypeError(
             f"target is {target.dtype}: class-probability targets, which nn.CrossEntropyLoss "
@@ -52,7 +54,7 @@ def unflatten(value: Tensor, shape: torch.Size | None) -> Tensor:
 
 def _cmi_term(logits, target, centroids, cmi_weight, temperature, ignore_index, reduction):
     rows, labels, shape = flatten_classes(logits, target)
-    value = _ops.loss(
+    value = loss(
         rows,
         labels,
         centroids,
@@ -127,3 +129,74 @@ def mcmi(
     Arguments and return value as in :func:`cmi`.
     """
     return _cmi_term(logits, target, centroids, -1.0, temperature, ignore_index, reduction)
+
+
+def loss(
+    logits: Tensor,
+    target: Tensor,
+    centroids: Tensor | None,
+    *,
+    ce_weight: float,
+    cmi_weight: float,
+    temperature: float,
+    ignore_index: int,
+    reduction: str,
+    num_classes: int | None = None,
+    log_centroids: bool = False,
+) -> Tensor:
+    """``ce_weight * CE + cmi_weight * CMI`` through the fused op, for ``[B, C]``
+    logits and ``[B]`` targets as :func:`flatten_classes` returns them (float32
+    under autocast). With ``log_centroids``, ``centroids`` holds
+    ``log max(Q, CENTROID_FLOOR)``."""
+    logits = _args.autocast_float32(logits)
+    code = _args.check_reduction(reduction)
+    temperature = _args.check_temperature(temperature, logits)
+    ignore_index = _args.check_int("ignore_index", ignore_index)
+    centroids = _args.prepare_centroids(centroids, logits)
+    if num_classes is None:
+        has_rows = centroids is not None and centroids.dim() == 2
+        num_classes = centroids.shape[0] if has_rows else logits.shape[-1]
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    args = (
+        logits,
+        target,
+        centroids,
+        bool(log_centroids),
+        _args.check_int("num_classes", num_classes),
+        temperature,
+        _args.check_real("ce_weight", ce_weight),
+        _args.check_real("cmi_weight", cmi_weight),
+        _args.CENTROID_FLOOR,
+        ignore_index,
+        code,
+        with_grad,
+    )
+    if with_grad and not torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():
+            return _ops._FuncLoss.apply(*args)[0]
+        return _ops._EagerLoss.apply(*args)[0]
+    return torch.ops.mcmi.loss.default(*args)[0]
+
+
+def class_sums(
+    logits: Tensor,
+    target: Tensor,
+    num_classes: int,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    log_probs: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-class sums of ``softmax(logits / T)`` rows (``log_softmax`` rows
+    with ``log_probs=True``) and per-class counts, over rows whose label is
+    not ``ignore_index``. Returns ``(sums [K, C], counts [K])``; sums are
+    float64 for float64 logits and float32 otherwise. No gradient."""
+    _args.check_tensors(logits=logits, target=target)
+    return torch.ops.mcmi.class_sums(
+        logits.detach(),
+        target,
+        _args.check_int("num_classes", num_classes),
+        _args.check_temperature(temperature, logits),
+        _args.check_int("ignore_index", ignore_index),
+        bool(log_probs),
+    )

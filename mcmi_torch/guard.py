@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._ops import CENTROID_FLOOR
+from ._args import CENTROID_FLOOR
 
 
 class CollapseWarning(UserWarning):

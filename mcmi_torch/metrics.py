@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from ._args import CENTROID_FLOOR, class_means
 from .centroids import OutputSelector, model_device, model_outputs
 from .distributed import all_reduce_sum
+from .functional import class_sums
 
 
 @dataclass(frozen=True)
 class TeacherReport:
-    """Metrics of a model over a dataset (SPEC section 4).
+    """Metrics of a model over a dataset (docs/math.md, "Dataset-level teacher metrics").
 
     Attributes:
         accuracy: fraction of samples whose arg-max class is the label.
@@ -40,17 +41,17 @@ def report_from_sums(
     """The metrics from per-class sums S_c (softmax rows), L_c (log-softmax
     rows), counts n_c, the total sum of P log P and the number correct; all in
     O(K C), with no pass over pairs of samples."""
-    s, lsum, n_c = prob_sums.double(), log_sums.double(), counts.double()
-    n = n_c.sum().item()
+    prob_sums, log_sums, counts = prob_sums.double(), log_sums.double(), counts.double()
+    n = counts.sum().item()
     if n == 0:
         raise ValueError("no sample to report on")
-    present = n_c > 0
-    q = s[present] / n_c[present].unsqueeze(1)
-    cross = (s[present] * q.clamp_min(_ops.CENTROID_FLOOR).log()).sum().item()
+    present = counts > 0
+    centroids = class_means(prob_sums, counts)[present]
+    cross = (prob_sums[present] * centroids.clamp_min(CENTROID_FLOOR).log()).sum().item()
     cmi = (neg_entropy - cross) / n
-    pairs = n * n - (n_c * n_c).sum().item()
+    pairs = n * n - (counts * counts).sum().item()
     if pairs > 0:
-        between = (s.sum(0) * lsum.sum(0)).sum() - (s * lsum).sum()
+        between = (prob_sums.sum(0) * log_sums.sum(0)).sum() - (prob_sums * log_sums).sum()
         separation = -between.item() / pairs
     else:
         separation = float("nan")
@@ -92,8 +93,8 @@ def teacher_report(
         model, loader, device, desc="teacher report", progress=progress, output=output
     )
     for logits, targets in outputs:
-        s, c = _ops.class_sums(logits, targets, k, temperature=temperature)
-        lsum, _ = _ops.class_sums(logits, targets, k, temperature=temperature, log_probs=True)
+        s, c = class_sums(logits, targets, k, temperature=temperature)
+        lsum, _ = class_sums(logits, targets, k, temperature=temperature, log_probs=True)
         logp = torch.log_softmax(logits.double() / temperature, dim=1)
         extra = torch.stack(
             [(logp.exp() * logp).sum(), (logits.argmax(1) == targets).sum().double()]

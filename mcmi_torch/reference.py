@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import CENTROID_FLOOR
+from ._args import CENTROID_FLOOR
 
 
 def _reduce(values: Tensor, valid: Tensor, reduction: str) -> Tensor:

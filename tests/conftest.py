@@ -1,9 +1,19 @@
-"""Shared helpers: fresh random problems (never zeros) and tolerances."""
+"""Shared helpers: fresh random problems (never zeros), tolerances, the
+device and centroid-mode fixtures."""
 
 import pytest
 import torch
 
-# Relative error bounds of SPEC section 5, against a float64 reference.
+import mcmi_torch
+
+#: A test marked with it runs on a CUDA GPU only (skipped without one).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+CENTROID_MODES = ["fixed", "batch", "ema"]
+
+# Relative error bounds against a float64 reference (docs/math.md, "Precision").
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
@@ -20,11 +30,12 @@ def random_problem(rows, cols, classes=None, *, dtype=torch.float32, scale=3.0, 
 
 
 def assert_close_rel(actual, expected, rtol, what="", floor=1.0):
-    """max |a - e| <= rtol * max(max |e|, floor): the relative error of SPEC 5,
-    measured against the largest entry so that entries near 0 do not dominate,
-    and absolute below `floor`. A KL near 0 (one sample per class with
-    in-batch centroids) has no meaningful relative error: its float32 error is
-    unit roundoff times the size of the log terms it cancels (log C + |z/T|)."""
+    """max |a - e| <= rtol * max(max |e|, floor): the relative error of
+    docs/math.md ("Precision"), measured against the largest entry so that
+    entries near 0 do not dominate, and absolute below `floor`. A KL near 0
+    (one sample per class with in-batch centroids) has no meaningful relative
+    error: its float32 error is unit roundoff times the size of the log terms
+    it cancels (log C + |z/T|)."""
     actual = actual.detach().double()
     expected = expected.detach().double()
     assert actual.shape == expected.shape, what
@@ -38,3 +49,27 @@ def assert_close_rel(actual, expected, rtol, what="", floor=1.0):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device the kernels run on: the CPU, and CUDA where a GPU is."""
+    return request.param
+
+
+@pytest.fixture(params=CENTROID_MODES)
+def centroid_mode(request):
+    """Each way ``MCMILoss`` gets its centroids (see make_criterion)."""
+    return request.param
+
+
+def make_criterion(mode, q, lam=0.6, **kw):
+    """``MCMILoss`` in centroid ``mode``: the given centroids ``q [K, C]`` for
+    'fixed', in-batch ones for 'batch', a uniform ``[K, K]`` buffer for 'ema'."""
+    return mcmi_torch.MCMILoss(lam, q if mode == "fixed" else mode, num_classes=q.shape[0], **kw)
+
+
+def centroids_used(crit):
+    """The centroids a step of ``crit`` reads (a copy, taken before the step
+    updates an 'ema' buffer); ``None`` for in-batch ones."""
+    return None if crit.mode == "batch" else crit.centroids.clone()

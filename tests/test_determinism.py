@@ -5,6 +5,7 @@ import torch
 from conftest import random_problem
 
 import mcmi_torch
+from mcmi_torch._args import CENTROID_FLOOR
 
 
 @pytest.fixture
@@ -35,3 +36,11 @@ def test_thread_count_does_not_change_results(threads, mode, dtype):
     again = run(logits, target, q, mode, dtype)
     for a, b, c in zip(one, two, again):
         assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_repeated_calls_are_bitwise_equal(device):
+    logits, target, _ = random_problem(300, 3000, scale=3.0)
+    z, y = logits.to(device), target.to(device)
+    args = (False, 3000, 2.0, 1.0, -0.3, CENTROID_FLOOR, -100, 1, True)
+    runs = [torch.ops.mcmi.loss(z, y, None, *args) for _ in range(2)]
+    assert all(torch.equal(r0, r1) for r0, r1 in zip(*runs))

@@ -1,18 +1,24 @@
-"""Bad input raises a clear exception naming the problem (SPEC section 5)."""
+"""Bad input raises a clear exception naming the problem, on every device
+(the CUDA loss marks bad labels and centroid rows with NaN instead of a
+device sync)."""
 
 import math
 
 import pytest
 import torch
-from conftest import random_problem
+from conftest import needs_cuda, random_problem
 
 import mcmi_torch
-from mcmi_torch._ops import CENTROID_FLOOR
+from mcmi_torch._args import CENTROID_FLOOR
+
+
+def cpu_problem():
+    return random_problem(6, 5, 5, ignore=0.0)
 
 
 @pytest.fixture
-def problem():
-    return random_problem(6, 5, 5, ignore=0.0)
+def problem(device):
+    return tuple(t.to(device) for t in cpu_problem())
 
 
 def op(logits, target, q, **kw):
@@ -25,17 +31,32 @@ def op(logits, target, q, **kw):
 
 @pytest.mark.parametrize("bad", [5, 6, 1 << 40, -1, -99, -101])
 @pytest.mark.parametrize("centroids", ["fixed", "batch"])
-def test_label_out_of_range(problem, bad, centroids):
+def test_label_out_of_range(problem, bad, centroids, device):
     logits, target, q = problem
     target[3] = bad
-    with pytest.raises(RuntimeError, match=r"target\[3\] is out of range.*\[0, 5\)"):
-        mcmi_torch.cmi(logits, target, q if centroids == "fixed" else None)
+    q = q if centroids == "fixed" else None
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"target\[3\] is out of range.*\[0, 5\)"):
+            mcmi_torch.cmi(logits, target, q)
+    else:
+        # The CUDA loss does not sync to raise: the row's loss is NaN.
+        rows = mcmi_torch.cmi(logits, target, q, reduction="none").cpu()
+        assert torch.isnan(rows[3]) and torch.isfinite(rows[[0, 1, 2, 4, 5]]).all()
     with pytest.raises(RuntimeError, match=r"target\[3\] is out of range"):
         mcmi_torch.class_sums(logits, target, 5)
 
 
-def test_label_out_of_range_with_grad(problem):
-    logits, target, q = problem
+@needs_cuda
+def test_tensors_on_two_devices_are_refused():
+    logits, target, q = cpu_problem()
+    with pytest.raises(RuntimeError, match="target must be on the same device as logits"):
+        mcmi_torch.cmi(logits.cuda(), target, q.cuda())
+    with pytest.raises(RuntimeError, match="centroids must be on the same device as logits"):
+        mcmi_torch.cmi(logits.cuda(), target.cuda(), q)
+
+
+def test_label_out_of_range_with_grad():
+    logits, target, q = cpu_problem()
     target[0] = 5
     with pytest.raises(RuntimeError, match=r"target\[0\] is out of range"):
         mcmi_torch.MCMILoss(0.2, q)(logits.requires_grad_(True), target)
@@ -81,7 +102,7 @@ def test_classes_disagree_with_centroids(problem):
         op(logits, target, q.float(), num_classes=7)
     with pytest.raises(ValueError, match="num_classes=7 disagrees with centroids of 5 rows"):
         mcmi_torch.MCMILoss(0.2, q, num_classes=7)
-    wide = torch.softmax(torch.randn(9, 5), 1)
+    wide = torch.softmax(torch.randn(9, 5), 1).to(logits.device)
     with pytest.raises(RuntimeError, match=r"num_classes \(9\) > logits columns \(5\)"):
         mcmi_torch.MCMILoss(0.2, wide)(logits, target)
 
@@ -122,16 +143,23 @@ def test_bad_reduction_and_codes(problem):
         op(logits, target, None, log_centroids=True)
 
 
-def test_centroid_rows_must_be_probabilities(problem):
+def test_centroid_rows_must_be_probabilities(problem, device):
     logits, target, q = problem
     bad = q.clone()
     bad[target[2]] *= 1.5
-    with pytest.raises(RuntimeError, match=f"centroids row {target[2].item()} is not a prob"):
-        mcmi_torch.cmi(logits, target, bad)
     nan = q.clone()
     nan[target[0], 1] = math.nan
-    with pytest.raises(RuntimeError, match="is not a probability vector"):
-        mcmi_torch.cmi(logits, target, nan)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=f"centroids row {target[2].item()} is not a prob"):
+            mcmi_torch.cmi(logits, target, bad)
+        with pytest.raises(RuntimeError, match="is not a probability vector"):
+            mcmi_torch.cmi(logits, target, nan)
+    else:
+        # Checked on the device without a sync: the rows using it are NaN.
+        for centroids, row in ((bad, 2), (nan, 0)):
+            users = (target == target[row]).cpu()
+            rows = mcmi_torch.cmi(logits, target, centroids, reduction="none").cpu()
+            assert torch.isnan(rows[users]).all() and torch.isfinite(rows[~users]).all()
     with pytest.raises(ValueError, match="rows must sum to 1"):
         mcmi_torch.MCMILoss(0.2, bad)
     with pytest.raises(ValueError, match="NaN or infinite"):
@@ -156,7 +184,7 @@ def test_module_arguments():
 def test_ema_update_arguments(problem):
     logits, target, q = problem
     q = q.float()
-    seen = torch.zeros(5, dtype=torch.bool)
+    seen = torch.zeros(5, dtype=torch.bool, device=logits.device)
     with pytest.raises(RuntimeError, match="seen must be a bool tensor"):
         torch.ops.mcmi.ema_update_(q, seen.long(), logits, target, 1.0, 0.1, -100)
     with pytest.raises(RuntimeError, match="momentum must be in"):
@@ -164,5 +192,7 @@ def test_ema_update_arguments(problem):
     with pytest.raises(RuntimeError, match="unit column stride"):
         torch.ops.mcmi.ema_update_(q.t(), seen, logits, target, 1.0, 0.1, -100)
     target[1] = 9
+    before = q.clone()
     with pytest.raises(RuntimeError, match=r"target\[1\] is out of range"):
         torch.ops.mcmi.ema_update_(q, seen, logits, target, 1.0, 0.1, -100)
+    assert torch.equal(q, before) and not seen.any()  # nothing changed

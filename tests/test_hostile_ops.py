@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import mcmi_torch
 from mcmi_torch import reference
-from mcmi_torch._ops import CENTROID_FLOOR, MAX_CLASSES
+from mcmi_torch._args import CENTROID_FLOOR
+from mcmi_torch._ops import MAX_CLASSES
 
 FLOAT32_MIN_NORMAL = torch.finfo(torch.float32).tiny
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_problem
+from conftest import make_criterion, random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
@@ -16,10 +16,6 @@ import mcmi_torch
 from mcmi_torch import reference
 
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def criterion(mode, q, **kw):
-    return mcmi_torch.MCMILoss(0.6, q if mode == "fixed" else mode, num_classes=q.shape[0], **kw)
 
 
 def reference_loss(crit, q_before, z, target):
@@ -33,28 +29,27 @@ def reference_loss(crit, q_before, z, target):
 @pytest.mark.parametrize("mode", ["fixed", "batch"])
 def test_gradgradcheck(mode, reduction):
     logits, target, q = random_problem(6, 4, dtype=torch.float64, scale=1.5)
-    crit = criterion(mode, q, temperature=2.0, reduction=reduction)
+    crit = make_criterion(mode, q, temperature=2.0, reduction=reduction)
     z = logits.requires_grad_(True)
     assert torch.autograd.gradgradcheck(lambda z: crit(z, target), (z,))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("mode", ["fixed", "batch", "ema"])
-def test_hessian_vector_product_matches_reference(mode, reduction):
+def test_hessian_vector_product_matches_reference(centroid_mode, reduction):
     """create_graph=True gives a gradient whose own gradient (a Hessian-vector
     product, with a random upstream weight per row) matches the reference's;
     'ema' through the functional form on a copy of its buffer."""
     logits, target, q = random_problem(11, 6, dtype=torch.float64, scale=2.0)
-    crit = criterion(mode, q, temperature=1.5, reduction=reduction)
+    crit = make_criterion(centroid_mode, q, temperature=1.5, reduction=reduction)
     z = logits.requires_grad_(True)
     v = torch.randn_like(z)
     w = torch.randn(11, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7).double()
-    if mode == "ema":
+    if centroid_mode == "ema":
         buffer = crit.centroids.clone()
         ours = mcmi_torch.cmi(z, target, buffer, temperature=1.5, reduction=reduction)
         want = reference.cmi(z, target, buffer.double(), temperature=1.5, reduction=reduction)
     else:
-        before = crit.centroids.clone() if mode == "fixed" else None
+        before = crit.centroids.clone() if centroid_mode == "fixed" else None
         ours = crit(z, target)
         want = reference_loss(crit, before, z, target)
     g = torch.autograd.grad(ours, z, w, create_graph=True)[0]
@@ -160,7 +155,7 @@ def _bad_centroids(k):
 @pytest.mark.parametrize("mode", ["fixed", "ema"])
 def test_load_state_dict_validates_centroids(mode):
     _, _, q = random_problem(1, 5)
-    crit = criterion(mode, q)
+    crit = make_criterion(mode, q)
     before = crit.centroids.clone()
     for problem, bad in _bad_centroids(5).items():
         with pytest.raises(RuntimeError, match=rf"invalid 'centroids'.*{problem.strip()}"):
@@ -218,7 +213,7 @@ def test_casts_keep_centroids_in_float32(mode, cast):
     logits, target, q = random_problem(16, 5)
     q[0, :2] = 1e-9  # would underflow in float16 / lose digits in bfloat16
     q = q / q.sum(1, keepdim=True)
-    crit = criterion(mode, q)
+    crit = make_criterion(mode, q)
     if mode == "ema":
         crit.load_state_dict({**crit.state_dict(), "centroids": q})
     want = crit.centroids.clone()
@@ -414,7 +409,7 @@ def test_compile_dynamic_shapes_without_recompiles(mode):
     if mode == "functional":
         eager = compiled_crit = lambda z, y: mcmi_torch.mcmi(z, y, None, temperature=2.0)
     else:
-        eager, compiled_crit = (criterion(mode, q, temperature=2.0) for _ in range(2))
+        eager, compiled_crit = (make_criterion(mode, q, temperature=2.0) for _ in range(2))
     compiled = torch.compile(lambda z, y: compiled_crit(z, y), fullgraph=True, dynamic=True)
     for rows in (5, 9, 14):
         logits, target, _ = random_problem(rows, 6, seed=rows)

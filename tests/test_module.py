@@ -29,8 +29,8 @@ def test_fixed_centroids_are_renormalized_buffers():
     assert "lam=0.25" in repr(crit) and "centroids=<fixed [6, 6] buffer>" in repr(crit)
 
 
-def test_cached_log_centroids_follow_the_buffer():
-    """The fixed mode feeds the kernel log Q, cached: every way the buffer can
+def test_fixed_centroids_follow_the_buffer():
+    """The fixed mode feeds the kernel its buffer: every way the buffer can
     change (in place, load_state_dict, assignment, .to) must be seen."""
     logits, target, q = random_problem(40, 6)
     crit = mcmi_torch.MCMILoss(0.5, q)
@@ -87,7 +87,7 @@ def test_fused_ema_update_matches_the_sums_path(monkeypatch):
         target[target == 3] = 2  # class 3 never appears
         fused(logits, target)
         with monkeypatch.context() as m:
-            m.setattr(mcmi_torch.loss, "is_distributed", lambda: True)
+            m.setattr(mcmi_torch._modes, "is_distributed", lambda: True)
             summed(logits, target)
         torch.testing.assert_close(fused.centroids, summed.centroids, rtol=1e-6, atol=1e-7)
         assert torch.equal(fused.seen, summed.seen)
