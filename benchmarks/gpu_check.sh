@@ -72,7 +72,7 @@ sanitizer() {
 }
 
 pytests() {
-  python -m pytest -q -rs tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -n 30
+  python -m pytest -q -rs tests -k cuda 2>&1 | tee "$OUT/pytest.txt" | tail -n 30
 }
 
 bench() {
@@ -82,7 +82,7 @@ bench() {
 step machine machine
 if step build build; then
   step "CUDA-C test" ctest && step compute-sanitizer sanitizer
-  step "pytest tests/test_cuda.py" pytests
+  step "pytest -k cuda (the CUDA cases of the suite)" pytests
   step benchmark bench
 fi
 cat "$OUT/summary.txt"
