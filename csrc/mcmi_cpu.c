@@ -30,6 +30,8 @@
 #else
 #define MCMI_CLONES
 #endif
+/* Elements per padded vector of a block's remainder (mcmi_cpu_kernels.inc). */
+#define MCMI_TAIL 16
 /* Elements per block of a row reduction (see mcmi_cpu_kernels.inc). */
 #define MCMI_BLOCK 512
 
