@@ -115,6 +115,13 @@ static int effective_threads(int num_threads, int64_t rows, int64_t cols) {
   return useful < num_threads ? (int)useful : num_threads;
 }
 
+/* Threads of class sums and the EMA update: as many as rows or classes
+ * can use. */
+static int class_threads(const mcmi_problem *p, int num_threads) {
+  const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
+  return effective_threads(num_threads, extent, p->cols);
+}
+
 /*
  * The layout of mcmi_cpu_loss's workspace, or of mcmi_cpu_ema_update's (an
  * in-batch problem with `ema` set: the means go straight into the
@@ -414,8 +421,7 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
       ++counts[y];
     }
   }
-  const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
-  const int nt = effective_threads(num_threads, extent, p->cols);
+  const int nt = class_threads(p, num_threads);
   kernels_by_dtype[p->dtype].class_accumulate(
       p, slot, p->classes, sums, sums_stride, row_m, row_ls, log_probs, nt);
   return MCMI_OK;
@@ -430,19 +436,13 @@ static mcmi_problem batch_problem(const mcmi_problem *p) {
   return b;
 }
 
-/* Threads of an EMA update: as many as rows or classes can use. */
-static int ema_threads(const mcmi_problem *p, int num_threads) {
-  const int64_t extent = p->rows > p->classes ? p->rows : p->classes;
-  return effective_threads(num_threads, extent, p->cols);
-}
-
 size_t mcmi_cpu_ema_workspace(const mcmi_problem *p, int num_threads) {
   loss_layout lay;
   if (!mcmi_problem_ok(p)) {
     return 0;
   }
   const mcmi_problem b = batch_problem(p);
-  return make_loss_layout(&b, ema_threads(p, num_threads), 0, 1, &lay)
+  return make_loss_layout(&b, class_threads(p, num_threads), 0, 1, &lay)
              ? lay.total
              : 0;
 }
@@ -464,7 +464,7 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
     return st;
   }
   const mcmi_problem b = batch_problem(p);
-  const int nt = ema_threads(p, num_threads);
+  const int nt = class_threads(p, num_threads);
   loss_layout lay;
   if (!make_loss_layout(&b, nt, 0, 1, &lay)) {
     return MCMI_ERROR_ARGUMENT;
