@@ -242,6 +242,7 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
 #define KL_G mcmi_kl_g_f32
 #define ACC_MAX FLT_MAX
 #define ACC_TINY FLT_MIN
+#define ACC_TRUE_MIN FLT_TRUE_MIN
 #include "mcmi_cpu_kernels.inc"
 
 /* float64: loss_f64, class_accumulate_f64, ema_update_f64, scale_rows_f64 */
@@ -255,6 +256,7 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
 #define KL_G mcmi_kl_g_f64
 #define ACC_MAX DBL_MAX
 #define ACC_TINY DBL_MIN
+#define ACC_TRUE_MIN DBL_TRUE_MIN
 #include "mcmi_cpu_kernels.inc"
 
 /* bfloat16: loss_bf16, class_accumulate_bf16, ema_update_bf16,
@@ -269,6 +271,7 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
 #define KL_G mcmi_kl_g_f32
 #define ACC_MAX FLT_MAX
 #define ACC_TINY FLT_MIN
+#define ACC_TRUE_MIN FLT_TRUE_MIN
 #include "mcmi_cpu_kernels.inc"
 
 /* float16: loss_f16, class_accumulate_f16, ema_update_f16, scale_rows_f16 */
@@ -282,6 +285,7 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
 #define KL_G mcmi_kl_g_f32
 #define ACC_MAX FLT_MAX
 #define ACC_TINY FLT_MIN
+#define ACC_TRUE_MIN FLT_TRUE_MIN
 #include "mcmi_cpu_kernels.inc"
 
 /* The kernels of one logits type; the entry points below pick a row of

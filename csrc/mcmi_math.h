@@ -79,6 +79,31 @@ static inline float mcmi_logf(float x) {
 }
 
 /*
+ * 1/T as the product k * *k2 of two factors finite in an accumulation type
+ * whose largest finite number is acc_max and smallest positive (subnormal)
+ * number acc_min, applied as ((z - m) * k) * k2. *k2 is 1 (exact), or 2^64
+ * when 1/T is beyond the type's range (a tiny T): then z == m still gives 0
+ * and every z < m a product far below the range of exp, as 1/T itself
+ * would; k is clamped to acc_max only where that holds for the smallest
+ * nonzero difference too. k is at least acc_min, so that at a huge T a -inf
+ * logit still gives -inf (never -inf * 0 = NaN), while every finite
+ * difference gives a product within 1e-6 of 0. The CPU and CUDA kernels
+ * both form 1/T this way.
+ */
+static inline MCMI_HOST_DEVICE double
+mcmi_inv_temperature(double t, double acc_max, double acc_min, double *k2) {
+  const double big = 18446744073709551616.0; /* 2^64 */
+  const double inv = 1.0 / t;
+  if (inv <= acc_max) {
+    *k2 = 1.0;
+    return inv > acc_min ? inv : acc_min;
+  }
+  const double k = 1.0 / (t * big);
+  *k2 = big;
+  return k < acc_max ? k : acc_max;
+}
+
+/*
  * g(x) = (x - 1) e^x + 1 for |x| <= 1/2, as its Taylor series
  * sum_{n >= 2} (n - 1) x^n / n! (through x^9 in float32, x^17 in float64:
  * the first term left out is below half an ulp of g). The KL of the kernels

@@ -60,7 +60,11 @@ def cmi(
         )
         centroids = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
     logq = centroids.to(logp.dtype).clamp_min(CENTROID_FLOOR).log()
-    kl = (logp.exp() * (logp - logq[y])).sum(dim=1)
+    prob = logp.exp()
+    # 0 log 0 = 0: a class of probability 0 (a -inf logit) adds nothing, and
+    # gets a zero gradient; a NaN row stays NaN through `prob`.
+    logp = torch.where(prob > 0, logp, torch.zeros_like(logp))
+    kl = (prob * (logp - logq[y])).sum(dim=1)
     kl = torch.where(valid, kl, torch.zeros_like(kl))
     return _reduce(kl, valid, reduction)
 

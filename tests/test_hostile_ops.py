@@ -162,7 +162,7 @@ def test_extreme_temperatures_match_float64(temperature, centroids):
 
 
 # ----------------------------------------------------------------- non-finite values
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_non_finite_logits_propagate_nan(bad, dtype):
     logits, target, q = problem(rows=6, cols=5, classes=2, dtype=torch.float64)
@@ -175,11 +175,66 @@ def test_non_finite_logits_propagate_nan(bad, dtype):
         want = reference.cmi(logits.double(), target, qd.double() if mode == "fixed" else None,
                              reduction="none")  # fmt: skip
         # Where the float64 reference is NaN the kernel is NaN, and finite
-        # where it is finite: a NaN row poisons its class mean (its
-        # classmates), an infinite one its own row.
+        # where it is finite: a NaN or +inf row poisons its class mean (its
+        # classmates).
         assert torch.equal(loss.isnan(), want.isnan()), (mode, loss, want)
         assert want[1].isnan()
         assert torch.isfinite(loss[3:]).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 16),
+    cols=st.integers(2, 1100),
+    masked=st.sampled_from([0.1, 0.5, 0.9]),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]),
+    mode=st.sampled_from(["fixed", "log", "batch"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_neg_inf_logits_are_classes_of_probability_zero(rows, cols, masked, temperature, mode,
+                                                        dtype, seed):  # fmt: skip
+    """A -inf logit (a masked class) adds nothing to the KL (0 log 0 = 0) and
+    gets a zero gradient, as in F.cross_entropy: per-row values and
+    gradients against the float64 reference, and CE against F.cross_entropy;
+    a row with no finite logit is NaN (and, with in-batch centroids, its
+    classmates)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    mask = torch.rand(rows, cols, generator=g) < masked
+    mask[:, 0] = False  # a finite logit in every row but the last
+    if rows > 1:
+        mask[-1] = True
+    logits = logits.masked_fill(mask, -math.inf).to(dtype)
+    target = torch.randint(0, cols, (rows,), generator=g)
+    q = torch.softmax(torch.randn(cols, cols, generator=g, dtype=torch.float64), 1)
+    given_q = None if mode == "batch" else q.to(dtype)
+    kernel_q = given_q.log() if mode == "log" else given_q
+    got, grad = op(logits, target, kernel_q, log_centroids=mode == "log",
+                   temperature=temperature, ce_weight=1.0, with_grad=True)  # fmt: skip
+    x = logits.double().requires_grad_()
+    kl = reference.cmi(x, target, None if given_q is None else given_q.double(),
+                       temperature=temperature, reduction="none")  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(x, target, reduction="none")
+    want = ce + kl
+    nan_rows = want.isnan()
+    if rows > 1:
+        assert nan_rows[-1]
+    assert torch.equal(got.isnan(), nan_rows), (got, want)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    finite = want.isfinite()  # CE is +inf where the label's logit is -inf
+    assert torch.equal(got[~finite & ~nan_rows], want[~finite & ~nan_rows].to(dtype))
+    if finite.any():
+        per_row_check(got[finite], want[finite].detach(), tol, 1e-9)
+    # Zero gradient at every -inf logit but the label's, whose CE gradient
+    # is -1 (p_y - 1), as F.cross_entropy's.
+    at_label = torch.nn.functional.one_hot(target, cols).bool()
+    assert (grad[mask & ~at_label & ~nan_rows[:, None]] == 0).all()
+    if mode != "batch" and not nan_rows.all():  # in-batch coupling is Python's
+        (want_grad,) = torch.autograd.grad(want[~nan_rows].sum(), x)
+        # Entries of a gradient row are errors of its O(1) terms: absolute floor.
+        floor = 1e-6 if dtype == torch.float32 else 1e-12
+        per_row_check(grad[~nan_rows].flatten(), want_grad[~nan_rows].flatten(), tol, floor)
 
 
 def test_nan_in_batch_centroids_reaches_every_classmate():

@@ -89,7 +89,11 @@ static double ref_loss(const case_t *c, int batch, double t, double wce,
       double kl = 0.0, mx = -INFINITY, s = 0.0;
       for (int64_t j = 0; j < m; ++j) {
         double q = batch ? qb[y * m + j] / (double)cnt[y] : c->q[y * m + j];
-        kl += p[i * m + j] * (log(p[i * m + j]) - log(fmax(q, 1e-12)));
+        /* 0 log 0 = 0: a class of probability 0 (a -inf logit) adds
+         * nothing; NaN still does. */
+        if (p[i * m + j] != 0.0) {
+          kl += p[i * m + j] * (log(p[i * m + j]) - log(fmax(q, 1e-12)));
+        }
         mx = fmax(mx, c->z[i * m + j]);
       }
       for (int64_t j = 0; j < m; ++j) {
@@ -666,9 +670,9 @@ static void test_small_kl_f32(void) {
   printf("small-KL float32: worst relative error %.3g\n", worst);
 }
 
-/* In-batch centroids: a non-finite row makes its classmates' KL NaN (its
- * class mean is NaN), other classes stay finite. Infinite logits give NaN
- * in every mode and dtype. */
+/* In-batch centroids: a NaN or +inf row makes its classmates' KL NaN (its
+ * class mean is NaN), other classes stay finite; a -inf logit leaves every
+ * row finite. */
 static void test_nonfinite_propagation(void) {
   const double bad_values[] = {NAN, INFINITY, -INFINITY};
   for (int v = 0; v < 3; ++v) {
@@ -699,10 +703,9 @@ static void test_nonfinite_propagation(void) {
               "non-finite logits: status");
         for (int64_t i = 0; i < 6; ++i) {
           const double l = f32 ? (double)loss32[i] : loss[i];
-          /* A NaN logit poisons its class mean; an infinite one leaves the
-           * mean finite for -inf (exp gives 0) and NaN for +inf. */
-          const int poisoned =
-              i == 1 || (batch && i < 3 && !(v == 2 && i != 1));
+          /* A NaN or +inf logit makes its row NaN and poisons its class
+           * mean; a -inf one is a class of probability 0: all finite. */
+          const int poisoned = v != 2 && (i == 1 || (batch && i < 3));
           CHECK(poisoned ? isnan(l) : isfinite(l),
                 "row %lld: %g (value %g, batch %d, f32 %d)", (long long)i, l,
                 bad_values[v], batch, f32);
@@ -807,6 +810,128 @@ static void test_extreme_temperatures(void) {
   free_case(&c);
 }
 
+/*
+ * -inf logits are classes of probability 0: against the reference (0 log 0
+ * = 0) in float64 and float32, fixed and in-batch centroids, T = 1 and 2.5,
+ * with a block of -inf longer than a kernel block; their gradient is exactly
+ * 0 and the rest matches central differences; a row with no finite logit
+ * is NaN. At a huge T (1/T below float32's range) values stay finite; class
+ * sums give the -inf classes exactly 0 and stay finite.
+ */
+static void test_neg_inf_logits(void) {
+  const int64_t rows = 12, cols = 700, classes = 3;
+  for (int batch = 0; batch < 2; ++batch) {
+    for (int f32 = 0; f32 < 2; ++f32) {
+      for (int ti = 0; ti < 3; ++ti) {
+        const double t = ti == 0 ? 1.0 : ti == 1 ? 2.5 : 1e300;
+        case_t c = make_case(rows, cols, classes, 2.0);
+        for (int64_t i = 0; i < rows; ++i) {
+          c.y[i] = i % 4 == 3 ? -100 : i % classes;
+          for (int64_t j = 0; j < cols; ++j) {
+            /* Row 0: -inf over columns 0..599 (whole kernel blocks). */
+            if ((i == 0 && j < 600) || (i > 0 && uniform() < 0.3)) {
+              c.z[i * cols + j] = -INFINITY;
+            }
+          }
+          c.z[i * cols + cols - 1] = 1.0; /* one finite logit at least */
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+          c.z[5 * cols + j] = -INFINITY; /* row 5: no finite logit */
+        }
+        float *z32 = malloc(sizeof(float) * (size_t)(rows * cols));
+        float *q32 = malloc(sizeof(float) * (size_t)(classes * cols));
+        for (int64_t i = 0; i < rows * cols; ++i) {
+          z32[i] = (float)c.z[i];
+          c.z[i] = z32[i];
+        }
+        for (int64_t i = 0; i < classes * cols; ++i) {
+          q32[i] = (float)c.q[i];
+          c.q[i] = q32[i];
+        }
+        mcmi_problem p = problem_f64(&c, batch, t, 0.0, 1.0, 0);
+        if (f32) {
+          p.dtype = MCMI_FLOAT32;
+          p.logits = z32;
+          p.centroids = batch ? NULL : q32;
+        }
+        double loss[12], want[12];
+        double *grad = malloc(sizeof(double) * (size_t)(rows * cols));
+        float loss32[12];
+        float *grad32 = malloc(sizeof(float) * (size_t)(rows * cols));
+        int64_t bad;
+        CHECK(run_loss(&p, f32 ? (void *)loss32 : (void *)loss,
+                       f32 ? (void *)grad32 : (void *)grad, 2,
+                       &bad) == MCMI_OK,
+              "-inf logits: status");
+        ref_loss(&c, batch, t, 0.0, 1.0, 0, want);
+        for (int64_t i = 0; i < rows; ++i) {
+          const double l = f32 ? (double)loss32[i] : loss[i];
+          /* Row 5 is NaN, and with in-batch centroids its class (2) too
+           * (the reference's fmax drops the NaN of that class mean). */
+          const int nan_row = i == 5 || (batch && c.y[i] == c.y[5]);
+          if (nan_row) {
+            CHECK(isnan(l), "-inf row %lld: %g (want NaN)", (long long)i, l);
+            continue;
+          }
+          const double tol = t > 1e10 ? 1e-5 : f32 ? 2e-5 : 1e-10;
+          CHECK(isfinite(l) && fabs(l - want[i]) <= tol * fabs(want[i]) + 1e-9,
+                "-inf row %lld (batch %d f32 %d T %g): %.12g vs %.12g",
+                (long long)i, batch, f32, t, l, want[i]);
+          for (int64_t j = 0; j < cols; ++j) {
+            const double g = f32 ? (double)grad32[i * cols + j]
+                                 : grad[i * cols + j];
+            CHECK(c.z[i * cols + j] == -INFINITY ? g == 0.0 : isfinite(g),
+                  "-inf row %lld col %lld: gradient %g", (long long)i,
+                  (long long)j, g);
+          }
+        }
+        if (!f32 && !batch && ti == 1) {
+          for (int64_t e = 7; e < rows * cols; e += 97) {
+            if (c.z[e] == -INFINITY || e / cols == 5) {
+              continue;
+            }
+            const double h = 1e-6, z0 = c.z[e];
+            double up[12], dn[12];
+            c.z[e] = z0 + h;
+            ref_loss(&c, batch, t, 0.0, 1.0, 0, up);
+            c.z[e] = z0 - h;
+            ref_loss(&c, batch, t, 0.0, 1.0, 0, dn);
+            c.z[e] = z0;
+            const double fd = (up[e / cols] - dn[e / cols]) / (2 * h);
+            CHECK(fabs(grad[e] - fd) < 1e-6, "-inf: grad[%lld] %g vs %g",
+                  (long long)e, grad[e], fd);
+          }
+        }
+        /* Class sums of the same rows: -inf classes get exactly 0. */
+        double *sums = malloc(sizeof(double) * (size_t)(classes * cols));
+        float *sums32 = malloc(sizeof(float) * (size_t)(classes * cols));
+        int64_t counts[3];
+        c.y[5] = -100; /* leave the NaN row out */
+        mcmi_problem cs = p;
+        cs.centroids = NULL;
+        void *ws = aligned_alloc(64, mcmi_cpu_class_sums_workspace(&cs) + 64);
+        CHECK(mcmi_cpu_class_sums(&cs, 0, f32 ? (void *)sums32 : (void *)sums,
+                                  cols, counts, ws, 2, &bad) == MCMI_OK,
+              "-inf class sums: status");
+        free(ws);
+        for (int64_t k = 0; k < classes; ++k) {
+          double total = 0.0;
+          for (int64_t j = 0; j < cols; ++j) {
+            total += f32 ? (double)sums32[k * cols + j] : sums[k * cols + j];
+          }
+          CHECK(fabs(total - (double)counts[k]) < 1e-5 * (double)(1 + counts[k]),
+                "-inf class sums: class %lld total %g, count %lld",
+                (long long)k, total, (long long)counts[k]);
+        }
+        CHECK((f32 ? (double)sums32[0] : sums[0]) == 0.0 || counts[0] > 1,
+              "-inf class sums: column 0");
+        free(sums), free(sums32), free(z32), free(q32), free(grad), free(grad32);
+        free_case(&c);
+      }
+    }
+  }
+}
+
 int main(void) {
   test_f64();
   test_f32_and_threads();
@@ -820,6 +945,7 @@ int main(void) {
   test_small_kl_f32();
   test_nonfinite_propagation();
   test_extreme_temperatures();
+  test_neg_inf_logits();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures ? 1 : 0;
 }
