@@ -1,8 +1,11 @@
 """Bad input raises a clear exception naming the problem, on every device
 (the CUDA loss marks bad labels and centroid rows with NaN instead of a
-device sync)."""
+device sync; CUDA class sums and the EMA update stop with a device-side
+assertion)."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,8 +45,35 @@ def test_label_out_of_range(problem, bad, centroids, device):
         # The CUDA loss does not sync to raise: the row's loss is NaN.
         rows = mcmi_torch.cmi(logits, target, q, reduction="none").cpu()
         assert torch.isnan(rows[3]) and torch.isfinite(rows[[0, 1, 2, 4, 5]]).all()
+        return  # class sums: test_cuda_bad_label_stops_the_kernel
     with pytest.raises(RuntimeError, match=r"target\[3\] is out of range"):
         mcmi_torch.class_sums(logits, target, 5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("what", ["class_sums", "ema_update_"])
+def test_cuda_bad_label_stops_the_kernel(what):
+    """CUDA class sums and the EMA update check labels on the device, with no
+    sync: a label out of range stops the kernel with a device-side assertion
+    that names the row and the label, as torch's own label checks do. The
+    CUDA context is unusable after it, so this runs in a child process."""
+    code = f"""
+import torch, mcmi_torch
+logits = torch.randn(6, 5, device="cuda")
+target = torch.tensor([0, 1, 2, 9, 4, 3], device="cuda")
+if "{what}" == "class_sums":
+    mcmi_torch.class_sums(logits, target, 5)
+else:
+    q = torch.full((5, 5), 0.2, device="cuda")
+    seen = torch.zeros(5, dtype=torch.bool, device="cuda")
+    torch.ops.mcmi.ema_update_(q, seen, logits, target, 1.0, 0.1, -100)
+torch.cuda.synchronize()
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out
+    assert "mcmi: target[3] = 9 is out of range" in out, out
+    assert "device-side assert" in out, out
 
 
 @needs_cuda
@@ -191,6 +221,8 @@ def test_ema_update_arguments(problem):
         torch.ops.mcmi.ema_update_(q, seen, logits, target, 1.0, 0.0, -100)
     with pytest.raises(RuntimeError, match="unit column stride"):
         torch.ops.mcmi.ema_update_(q.t(), seen, logits, target, 1.0, 0.1, -100)
+    if logits.is_cuda:
+        return  # a bad label stops the kernel: test_cuda_bad_label_stops_the_kernel
     target[1] = 9
     before = q.clone()
     with pytest.raises(RuntimeError, match=r"target\[1\] is out of range"):

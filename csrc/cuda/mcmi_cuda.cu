@@ -29,6 +29,12 @@
 #include "../mcmi_math.h"
 #include "mcmi_cuda.h"
 
+/* The label check of class sums and the EMA update is a device-side
+ * assertion, in every build. */
+#undef NDEBUG
+#include <assert.h>
+#include <stdio.h>
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -74,10 +80,42 @@ __device__ __forceinline__ double tiny_of(double) {
   return 2.2250738585072014e-308;
 }
 
+/* 1/T as two factors finite in A (mcmi_inv_temperature, as on the CPU): a
+ * difference d of logits becomes (d * k) * k2, so a tiny T (1/T beyond A's
+ * range) gives the one-hot limit and a huge T keeps -inf logits at -inf. */
+template <typename A> struct Scale {
+  A k, k2;
+};
+
+template <typename A> __device__ __forceinline__ Scale<A> scale_of(double t);
+template <> __device__ __forceinline__ Scale<float> scale_of<float>(double t) {
+  double k2;
+  const double k = mcmi_inv_temperature(t, 3.4028234663852886e38,
+                                        1.401298464324817e-45, &k2);
+  return Scale<float>{(float)k, (float)k2};
+}
+template <>
+__device__ __forceinline__ Scale<double> scale_of<double>(double t) {
+  double k2;
+  const double k = mcmi_inv_temperature(t, 1.7976931348623157e308,
+                                        4.9406564584124654e-324, &k2);
+  return Scale<double>{k, k2};
+}
+
+/* The scale of the CE term's softmax (T = 1). */
+template <typename A> __device__ __forceinline__ Scale<A> unit_scale() {
+  return Scale<A>{(A)1, (A)1};
+}
+
+template <typename A> __device__ __forceinline__ A scaled(A d, Scale<A> sc) {
+  return (d * sc.k) * sc.k2;
+}
+
 /* Online-softmax partial over some columns of a row, relative to its
- * running maximum m of z (logit units): s = sum e^{(z_j - m) k}. s == 0
- * only when empty; a NaN or -inf logit makes s NaN (as on the CPU), and NaN
- * survives every combine. */
+ * running maximum m of z (logit units): s = sum e^{(z_j - m) / T}. s == 0
+ * only when no column had a number above -inf; a NaN or +inf logit makes s
+ * NaN (as on the CPU), and NaN survives every combine. A -inf logit is a
+ * class of probability 0: it adds nothing. */
 template <typename A> struct Partial {
   A m, s;
 };
@@ -86,23 +124,27 @@ template <typename A> __device__ __forceinline__ Partial<A> empty_partial() {
   return Partial<A>{-(A)INFINITY, (A)0};
 }
 
-/* Adds column value z (scale k = 1/T). */
+/* Adds column value z (scale k: 1/T). */
 template <typename A>
-__device__ __forceinline__ void push(Partial<A> &p, A z, A k) {
+__device__ __forceinline__ void push(Partial<A> &p, A z, Scale<A> k) {
+  if (z == -(A)INFINITY) {
+    return;
+  }
   if (z > p.m) {
     if (p.s != (A)0) {
-      p.s *= dexp((p.m - z) * k);
+      p.s *= dexp(scaled(p.m - z, k));
     }
     p.m = z;
   }
-  p.s += dexp((z - p.m) * k);
+  p.s += dexp(scaled(z - p.m, k));
 }
 
 /* x then y, both relative to the larger maximum. Callers pass the partials
  * in a fixed order, so every thread that combines the same two partials
  * gets the same bits (contracted multiply-adds included). */
 template <typename A>
-__device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y, A k) {
+__device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y,
+                                              Scale<A> k) {
   if (y.s == (A)0) {
     return x;
   }
@@ -110,14 +152,16 @@ __device__ __forceinline__ Partial<A> combine(Partial<A> x, Partial<A> y, A k) {
     return y;
   }
   const A m = x.m > y.m ? x.m : y.m;
-  return Partial<A>{m, x.s * dexp((x.m - m) * k) + y.s * dexp((y.m - m) * k)};
+  return Partial<A>{m, x.s * dexp(scaled(x.m - m, k)) +
+                           y.s * dexp(scaled(y.m - m, k))};
 }
 
 /* Combines the partials of a group of GROUP threads; every thread of the
  * group gets the same result (each butterfly step puts the lower lane's
  * partial first). GROUP > 32 spans the block (all threads must call). */
 template <typename A, int GROUP>
-__device__ Partial<A> group_reduce(Partial<A> p, A k, Partial<A> *shared) {
+__device__ Partial<A> group_reduce(Partial<A> p, Scale<A> k,
+                                   Partial<A> *shared) {
   constexpr int lanes = GROUP < kWarp ? GROUP : kWarp;
   const int lane = (int)(threadIdx.x % kWarp);
   for (int off = lanes / 2; off > 0; off /= 2) {
@@ -210,7 +254,8 @@ row_centroids(const mcmi_problem &p, const A *q_batch, const int64_t *slot_of,
 
 /* What the loss of one row reads besides its logits and centroids. */
 template <typename A> struct RowSetup {
-  A inv_t, qfloor;
+  Scale<A> sc; /* 1/T */
+  A qfloor;
   int is_log;    /* centroids hold logs */
   bool check_q;  /* given centroids: check that the row sums to 1 */
   bool separate; /* CE needs its own softmax (T != 1) */
@@ -221,7 +266,7 @@ template <typename A>
 __device__ __forceinline__ RowSetup<A> row_setup(const mcmi_problem &p,
                                                  bool batch) {
   const int is_log = batch ? 0 : p.log_centroids;
-  return RowSetup<A>{(A)(1.0 / p.temperature),
+  return RowSetup<A>{scale_of<A>(p.temperature),
                      (A)p.floor,
                      is_log,
                      !batch && !is_log,
@@ -271,9 +316,9 @@ __device__ void accumulate_row(const T *z, const RowSetup<A> &su, int64_t begin,
                                int64_t end, int lane, int group,
                                Partial<A> &main, Partial<A> &at_one) {
   each_column(z, begin, end, lane, group, [&](A zj, int64_t) {
-    push(main, zj, su.inv_t);
+    push(main, zj, su.sc);
     if (su.separate) {
-      push(at_one, zj, (A)1);
+      push(at_one, zj, unit_scale<A>());
     }
   });
 }
@@ -287,7 +332,7 @@ __device__ KLPart<A> kl_columns(const T *z, const A *q, const RowSetup<A> &su,
   KLPart<A> sum{(A)0, 0.0};
   each_column(z, begin, end, lane, group, [&](A zj, int64_t j) {
     const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
-    const A pj = dexp((zj - m) * su.inv_t) * inv_s;
+    const A pj = dexp(scaled(zj - m, su.sc)) * inv_s;
     sum.g += kl_term(pj, qj, log_ratio(pj, qj));
     sum.q += (double)qj;
   });
@@ -345,7 +390,7 @@ __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
   const A kce = (A)(p.ce_weight / norm);
   const auto grad_of = [&](A zj, int64_t j) {
     const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
-    const A pj = dexp((zj - r.m) * su.inv_t) * r.inv_s;
+    const A pj = dexp(scaled(zj - r.m, su.sc)) * r.inv_s;
     const A p1 = su.separate ? dexp((zj - r.m) - r.ls1) : pj;
     A v = kc * pj * (log_ratio(pj, qj) - r.kl) + kce * p1;
     if (j == y) {
@@ -420,9 +465,9 @@ __global__ void __launch_bounds__(kThreads)
   const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
   accumulate_row(z, su, 0, p.cols, lane, GROUP, main, at_one);
-  main = group_reduce<A, GROUP>(main, su.inv_t, shared);
+  main = group_reduce<A, GROUP>(main, su.sc, shared);
   if (su.separate) {
-    at_one = group_reduce<A, GROUP>(at_one, (A)1, shared);
+    at_one = group_reduce<A, GROUP>(at_one, unit_scale<A>(), shared);
   }
   const KLPart<A> part = group_sum<A, GROUP>(
       kl_columns(z, q, su, main.m, (A)1 / main.s, 0, p.cols, lane, GROUP),
@@ -475,9 +520,9 @@ __global__ void __launch_bounds__(kThreads)
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
   accumulate_row(z, su, c.begin, c.end, (int)threadIdx.x, kThreads, main,
                  at_one);
-  main = group_reduce<A, kThreads>(main, su.inv_t, shared);
+  main = group_reduce<A, kThreads>(main, su.sc, shared);
   if (su.separate) {
-    at_one = group_reduce<A, kThreads>(at_one, (A)1, shared);
+    at_one = group_reduce<A, kThreads>(at_one, unit_scale<A>(), shared);
   }
   if (threadIdx.x == 0) {
     parts[(c.row * sp.splits + blockIdx.x) * 2] = main;
@@ -495,11 +540,11 @@ __global__ void split_softmax(const mcmi_problem p, Split sp,
   if (row >= p.rows || p.target[row * p.target_stride] == p.ignore_index) {
     return;
   }
-  const A inv_t = (A)(1.0 / p.temperature);
+  const Scale<A> sc = scale_of<A>(p.temperature);
   Partial<A> *mine = parts + row * sp.splits * 2;
   for (int64_t s = 1; s < sp.splits; ++s) {
-    mine[0] = combine(mine[0], mine[2 * s], inv_t);
-    mine[1] = combine(mine[1], mine[2 * s + 1], (A)1);
+    mine[0] = combine(mine[0], mine[2 * s], sc);
+    mine[1] = combine(mine[1], mine[2 * s + 1], unit_scale<A>());
   }
 }
 
@@ -627,10 +672,14 @@ __device__ __forceinline__ bool in_class_range(int64_t y,
   return y != p.ignore_index && y >= 0 && y < p.classes;
 }
 
-/* One block: the number of rows whose label is not ignore_index, and the
- * first row whose label is out of range (-1 if none). */
+/* One block: the number of rows whose label is not ignore_index. With
+ * stop_on_bad (class sums, the EMA update), a label out of range stops the
+ * kernel with a device-side assertion, as torch's own label checks do: the
+ * first such row and its label are printed, and the error reaches the host
+ * at its next synchronizing call, with no sync here. (The loss instead
+ * makes such a row NaN.) */
 __global__ void scan_targets(const mcmi_problem p, int64_t *valid,
-                             int64_t *bad_row) {
+                             bool stop_on_bad) {
   __shared__ long long part[kThreads];
   long long c = 0, first_bad = LLONG_MAX;
   for (int64_t i = threadIdx.x; i < p.rows; i += kThreads) {
@@ -651,8 +700,13 @@ __global__ void scan_targets(const mcmi_problem p, int64_t *valid,
   }
   if (threadIdx.x == 0) {
     *valid = c;
-    if (bad_row) {
-      *bad_row = part[0] == LLONG_MAX ? -1 : part[0];
+    const long long bad = part[0];
+    if (stop_on_bad && bad != LLONG_MAX) {
+      printf("mcmi: target[%lld] = %lld is out of range: labels must be in "
+             "[0, %lld) or equal ignore_index (%lld)\n",
+             bad, (long long)p.target[bad * p.target_stride],
+             (long long)p.classes, (long long)p.ignore_index);
+      assert(!"mcmi: a label is out of range");
     }
   }
 }
@@ -676,11 +730,13 @@ __global__ void reduce_rows(const double *row_val, int64_t rows,
   }
 }
 
-/* Per row with a label in range: the maximum of z and log sum e^{(z - max)/T}
- * (the row's softmax at T is e^{(z - m)/T - ls}). */
+/* Per row with a label in range: the maximum m of z and, of the row's sum
+ * s = sum e^{(z - m)/T}, log s (log_probs: the row's log-softmax at T is
+ * (z - m)/T - log s) or 1/s (its softmax is e^{(z - m)/T} / s). */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
-    row_stats(const mcmi_problem p, double *row_m, double *row_ls) {
+    row_stats(const mcmi_problem p, int log_probs, double *row_m,
+              double *row_norm) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
   const int64_t row =
@@ -689,15 +745,15 @@ __global__ void __launch_bounds__(kThreads)
     return; /* uniform over the group */
   }
   const T *z = (const T *)p.logits + row * p.logits_stride;
-  const A inv_t = (A)(1.0 / p.temperature);
+  const Scale<A> sc = scale_of<A>(p.temperature);
   Partial<A> part = empty_partial<A>();
   for (int64_t j = threadIdx.x % GROUP; j < p.cols; j += GROUP) {
-    push(part, load(z[j]), inv_t);
+    push(part, load(z[j]), sc);
   }
-  part = group_reduce<A, GROUP>(part, inv_t, shared);
+  part = group_reduce<A, GROUP>(part, sc, shared);
   if (threadIdx.x % GROUP == 0) {
     row_m[row] = (double)part.m;
-    row_ls[row] = (double)dlog(part.s);
+    row_norm[row] = log_probs ? (double)dlog(part.s) : 1.0 / (double)part.s;
   }
 }
 
@@ -813,42 +869,45 @@ constexpr unsigned kMaxGridY = 65535;
  * with log_probs), divided by the count when `mean`; row(s) is the slot's
  * class when by_class, else s. A block takes (slot, 32 columns): warp w sums
  * the slot's rows w, w + 8, ... in order, then warp 0 adds the 8 partials in
- * warp order. Column tiles beyond grid.y are taken in a strided loop. */
+ * warp order; all in double, as on the CPU (the KL against a mean of similar
+ * rows needs it exact to well below float32's rounding of a many-term sum).
+ * Column tiles beyond grid.y are taken in a strided loop. */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    slot_sums(const mcmi_problem p, const double *row_m, const double *row_ls,
+    slot_sums(const mcmi_problem p, const double *row_m, const double *row_norm,
               Slots sl, const int64_t *order, int log_probs, int mean,
               int by_class, typename AccOf<T>::type *out, int64_t out_stride) {
   using A = typename AccOf<T>::type;
   constexpr int warps = kThreads / kWarp;
-  __shared__ A part[warps][kSumCols];
+  __shared__ double part[warps][kSumCols];
   const int64_t s = blockIdx.x;
   if (s >= *sl.used) {
     return; /* uniform over the block */
   }
   const int lane = (int)(threadIdx.x % kWarp), w = (int)(threadIdx.x / kWarp);
-  const A inv_t = (A)(1.0 / p.temperature);
+  const Scale<A> sc = scale_of<A>(p.temperature);
   const int64_t n = sl.count[s];
   const int64_t *rows = order + sl.offset[s];
   A *o = out + (by_class ? sl.slot_class[s] : s) * out_stride;
   const int64_t tiles = (p.cols + kSumCols - 1) / kSumCols;
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
     const int64_t j = tile * kSumCols + lane;
-    A acc = (A)0;
+    double acc = 0.0;
     for (int64_t k = w; k < n && j < p.cols; k += warps) {
       const int64_t i = rows[k];
       const T *z = (const T *)p.logits + i * p.logits_stride;
-      const A v = (load(z[j]) - (A)row_m[i]) * inv_t - (A)row_ls[i];
-      acc += log_probs ? v : dexp(v);
+      const A u = scaled(load(z[j]) - (A)row_m[i], sc);
+      acc += log_probs ? (double)(u - (A)row_norm[i])
+                       : (double)dexp(u) * row_norm[i];
     }
     part[w][lane] = acc;
     __syncthreads();
     if (w == 0 && j < p.cols) {
-      A sum = part[0][lane];
+      double sum = part[0][lane];
       for (int k = 1; k < warps; ++k) {
         sum += part[k][lane];
       }
-      o[j] = mean ? sum / (A)n : sum;
+      o[j] = (A)(mean ? sum * (1.0 / (double)n) : sum);
     }
     __syncthreads();
   }
@@ -872,10 +931,9 @@ __global__ void zero_absent(const int64_t *counts, int64_t classes,
  * `seen` is read here and set by ema_mark_seen afterwards. */
 template <typename A>
 __global__ void ema_apply(const A *means, Slots sl, int64_t cols, A momentum,
-                          const int64_t *bad_row, const uint8_t *seen, A *q,
-                          int64_t q_stride) {
+                          const uint8_t *seen, A *q, int64_t q_stride) {
   const int64_t s = blockIdx.x;
-  if (s >= *sl.used || *bad_row >= 0) {
+  if (s >= *sl.used) {
     return;
   }
   const int64_t c = sl.slot_class[s];
@@ -887,10 +945,9 @@ __global__ void ema_apply(const A *means, Slots sl, int64_t cols, A momentum,
   }
 }
 
-__global__ void ema_mark_seen(Slots sl, int64_t max_slots,
-                              const int64_t *bad_row, uint8_t *seen) {
+__global__ void ema_mark_seen(Slots sl, int64_t max_slots, uint8_t *seen) {
   const int64_t s = (int64_t)blockIdx.x * kThreads + threadIdx.x;
-  if (s < max_slots && s < *sl.used && *bad_row < 0) {
+  if (s < max_slots && s < *sl.used) {
     seen[sl.slot_class[s]] = 1;
   }
 }
@@ -922,8 +979,9 @@ int64_t max_slots(const mcmi_problem *p) {
  * present, [min(rows, classes)][cols], and the split-row partials and
  * results. */
 struct Layout {
-  size_t valid, row_val, row_m, row_ls, counts, slot_of, slot_class, slot_count,
-      slot_offset, cursor, used, order, means, parts, kl_parts, results, total;
+  size_t valid, row_val, row_m, row_norm, counts, slot_of, slot_class,
+      slot_count, slot_offset, cursor, used, order, means, parts, kl_parts,
+      results, total;
 };
 
 /* The split-row path serves fewer than kSplitMaxRows rows of at least
@@ -962,7 +1020,7 @@ Layout make_layout(const mcmi_problem *p, bool means) {
   l.used = take(sizeof(int64_t));
   l.row_val = take(rows * sizeof(double));
   l.row_m = take(rows * sizeof(double));
-  l.row_ls = take(rows * sizeof(double));
+  l.row_norm = take(rows * sizeof(double));
   l.counts = take(k * sizeof(int64_t));
   l.slot_of = take(k * sizeof(int64_t));
   l.slot_class = take(slots * sizeof(int64_t));
@@ -1027,18 +1085,20 @@ void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
                     int log_probs, int mean, int by_class,
                     typename AccOf<T>::type *out, int64_t out_stride,
                     int64_t *counts, cudaStream_t s) {
-  double *row_m = (double *)(ws + l.row_m), *row_ls = (double *)(ws + l.row_ls);
+  double *row_m = (double *)(ws + l.row_m),
+         *row_norm = (double *)(ws + l.row_norm);
   const Slots sl = slots_in(l, ws);
   const unsigned row_blocks =
       (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
-  row_stats<T, GROUP><<<row_blocks, kThreads, 0, s>>>(p, row_m, row_ls);
+  row_stats<T, GROUP>
+      <<<row_blocks, kThreads, 0, s>>>(p, log_probs, row_m, row_norm);
   count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
   assign_slots<<<1, kThreads, 0, s>>>(counts, p.classes, sl);
   order_rows<<<1, kThreads, 0, s>>>(p, sl, (int64_t *)(ws + l.order));
   const dim3 grid((unsigned)max_slots(&p),
                   grid_y_for((p.cols + kSumCols - 1) / kSumCols));
   slot_sums<T><<<grid, kThreads, 0, s>>>(
-      p, row_m, row_ls, sl, (const int64_t *)(ws + l.order), log_probs, mean,
+      p, row_m, row_norm, sl, (const int64_t *)(ws + l.order), log_probs, mean,
       by_class, out, out_stride);
 }
 
@@ -1052,7 +1112,7 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
   double *row_val = (double *)(ws + l.row_val);
   A *means = batch ? (A *)(ws + l.means) : nullptr;
   int64_t *counts = (int64_t *)(ws + l.counts);
-  scan_targets<<<1, kThreads, 0, s>>>(p, valid, nullptr);
+  scan_targets<<<1, kThreads, 0, s>>>(p, valid, false);
   const bool per_row = p.reduction == MCMI_REDUCTION_NONE;
   T *rows_out = per_row ? (T *)loss : nullptr;
   const int64_t *slot_of = (const int64_t *)(ws + l.slot_of);
@@ -1133,10 +1193,10 @@ void sums_any(const mcmi_problem &p, const Layout &l, char *ws, int log_probs,
 
 template <typename A>
 void class_sums_launch(const mcmi_problem &p, int log_probs, A *sums,
-                       int64_t sums_stride, int64_t *counts, int64_t *bad_row,
-                       char *ws, cudaStream_t s) {
+                       int64_t sums_stride, int64_t *counts, char *ws,
+                       cudaStream_t s) {
   const Layout l = make_layout(&p, false);
-  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), bad_row);
+  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), true);
   cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
   if (p.rows > 0) {
     sums_any<A>(p, l, ws, log_probs, 0, 1, sums, sums_stride, counts, s);
@@ -1150,10 +1210,10 @@ void class_sums_launch(const mcmi_problem &p, int log_probs, A *sums,
 
 template <typename A>
 void ema_launch(const mcmi_problem &p, A momentum, A *centroids,
-                int64_t centroids_stride, uint8_t *seen, int64_t *bad_row,
-                char *ws, cudaStream_t s) {
+                int64_t centroids_stride, uint8_t *seen, char *ws,
+                cudaStream_t s) {
   const Layout l = make_layout(&p, true);
-  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), bad_row);
+  scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), true);
   if (p.rows == 0) {
     return;
   }
@@ -1165,10 +1225,9 @@ void ema_launch(const mcmi_problem &p, A momentum, A *centroids,
   const int64_t slots = max_slots(&p);
   const dim3 grid((unsigned)slots,
                   grid_y_for((p.cols + kThreads - 1) / kThreads));
-  ema_apply<A><<<grid, kThreads, 0, s>>>(means, sl, p.cols, momentum, bad_row,
-                                         seen, centroids, centroids_stride);
-  ema_mark_seen<<<blocks_for(slots), kThreads, 0, s>>>(sl, slots, bad_row,
-                                                       seen);
+  ema_apply<A><<<grid, kThreads, 0, s>>>(means, sl, p.cols, momentum, seen,
+                                         centroids, centroids_stride);
+  ema_mark_seen<<<blocks_for(slots), kThreads, 0, s>>>(sl, slots, seen);
 }
 
 } // namespace
@@ -1202,37 +1261,34 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
 
 mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
                                  void *sums, int64_t sums_stride,
-                                 int64_t *counts, int64_t *bad_row,
-                                 void *workspace, void *stream) {
+                                 int64_t *counts, void *workspace,
+                                 void *stream) {
   if (!mcmi_problem_ok(p) || sums == nullptr || counts == nullptr ||
-      bad_row == nullptr || workspace == nullptr) {
+      workspace == nullptr) {
     return MCMI_ERROR_ARGUMENT;
   }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
   with_logits_type(p->dtype, [&](auto tag) {
     using A = typename AccOf<decltype(tag)>::type;
-    class_sums_launch<A>(*p, log_probs, (A *)sums, sums_stride, counts, bad_row,
-                         ws, s);
+    class_sums_launch<A>(*p, log_probs, (A *)sums, sums_stride, counts, ws, s);
   });
   return launch_status();
 }
 
 mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *centroids, int64_t centroids_stride,
-                                 uint8_t *seen, int64_t *bad_row,
-                                 void *workspace, void *stream) {
+                                 uint8_t *seen, void *workspace, void *stream) {
   if (!mcmi_problem_ok(p) || centroids == nullptr || seen == nullptr ||
-      bad_row == nullptr || workspace == nullptr ||
-      !mcmi_momentum_ok(momentum)) {
+      workspace == nullptr || !mcmi_momentum_ok(momentum)) {
     return MCMI_ERROR_ARGUMENT;
   }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
   with_logits_type(p->dtype, [&](auto tag) {
     using A = typename AccOf<decltype(tag)>::type;
-    ema_launch<A>(*p, (A)momentum, (A *)centroids, centroids_stride, seen,
-                  bad_row, ws, s);
+    ema_launch<A>(*p, (A)momentum, (A *)centroids, centroids_stride, seen, ws,
+                  s);
   });
   return launch_status();
 }

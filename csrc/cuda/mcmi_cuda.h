@@ -13,9 +13,11 @@
  * [0, classes), or whose given (not log) centroid row does not sum to 1
  * within MCMI_CENTROID_SUM_TOLERANCE, gets NaN as its loss (hence a NaN mean
  * or sum) and NaN gradients; no memory is indexed with a bad label. Class
- * sums and the EMA update write the first row with a bad label (or -1) to
- * the device int64 *bad_row, and the EMA update then changes nothing: the
- * caller reads it to raise as the CPU kernels do.
+ * sums and the EMA update stop at such a label with a device-side assertion
+ * (as torch's own label checks do): the kernel prints the first bad row and
+ * its label, and the host sees cudaErrorAssert ("device-side assert
+ * triggered") at its next synchronizing call; the context is then unusable,
+ * as after any device-side assertion.
  */
 #ifndef MCMI_CUDA_H
 #define MCMI_CUDA_H
@@ -35,20 +37,18 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
                            int64_t loss_stride, void *grad, int64_t grad_stride,
                            void *workspace, void *stream);
 
-/* As mcmi_cpu_class_sums (sums are float32, float64 for float64 logits);
- * rows with a bad label are left out and *bad_row names the first. */
+/* As mcmi_cpu_class_sums (sums are float32, float64 for float64 logits,
+ * summed in double); a bad label stops the kernel (above). */
 mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
                                  void *sums, int64_t sums_stride,
-                                 int64_t *counts, int64_t *bad_row,
-                                 void *workspace, void *stream);
+                                 int64_t *counts, void *workspace,
+                                 void *stream);
 
 /* As mcmi_cpu_ema_update, with the workspace of
- * mcmi_cuda_class_sums_workspace; with a bad label (*bad_row >= 0) nothing
- * is updated. */
+ * mcmi_cuda_class_sums_workspace; a bad label stops the kernel (above). */
 mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *centroids, int64_t centroids_stride,
-                                 uint8_t *seen, int64_t *bad_row,
-                                 void *workspace, void *stream);
+                                 uint8_t *seen, void *workspace, void *stream);
 
 /* As mcmi_cpu_scale_rows. */
 mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,

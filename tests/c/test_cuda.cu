@@ -3,8 +3,9 @@
  * float64 reference (the CPU kernels on float64 copies of the inputs), on
  * random problems, without torch: loss values and gradients for fixed, log
  * and in-batch centroids, every reduction and dtype, K != C, T = 1, strided
- * inputs, B = 0, all rows ignored, NaN/inf and large logits; class sums and
- * the EMA update; bad labels and centroid rows; bitwise repeatability. Every
+ * inputs, B = 0, all rows ignored, NaN/inf and large logits, -inf logits
+ * (masked classes), tiny and huge temperatures; class sums and the EMA
+ * update; bad labels and centroid rows; bitwise repeatability. Every
  * comparison is NaN-aware: a NaN on one side only fails it. The last line is
  * a digest of every kernel output, for comparing runs.
  *
@@ -119,7 +120,14 @@ static void *cpu_ws(size_t bytes) {
   return aligned_alloc(64, (bytes + 127) / 64 * 64);
 }
 
-enum { PLAIN = 0, ALL_IGNORED = 1, NONFINITE = 2, OFFSET = 3 };
+enum {
+  PLAIN = 0,
+  ALL_IGNORED = 1,
+  NONFINITE = 2,
+  OFFSET = 3,
+  NEG_INF = 4,
+  CLOSE = 5 /* logits 1e-4 apart: a softmax spread out at T = 1e-4 */
+};
 
 typedef struct {
   int64_t rows, cols, classes;
@@ -202,8 +210,9 @@ static void check_loss(loss_case c) {
   float *lq32 = (float *)malloc(sizeof(float) * (size_t)(k * cols));
   int64_t *y = (int64_t *)calloc((size_t)(rows * ys) + 1, sizeof(int64_t));
   const double offset = c.special == OFFSET ? 300.0 : 0.0;
+  const double spread = c.special == CLOSE ? 1e-4 : 2.5;
   for (int64_t i = 0; i < rows * zs; ++i) {
-    store_any(t, z, i, offset + 2.5 * normal());
+    store_any(t, z, i, offset + spread * normal());
     z64[i] = load_any(t, z, i); /* the same values, exactly */
   }
   if (c.special == NONFINITE) {
@@ -217,6 +226,19 @@ static void check_loss(loss_case c) {
       for (int64_t j = 0; j < cols; ++j) {
         store_any(t, z, 4 * zs + j, NAN);
         z64[4 * zs + j] = NAN;
+      }
+    }
+  }
+  if (c.special == NEG_INF) {
+    /* Masked classes: -inf over most of row 0 (whole blocks of a thread, a
+     * warp, a split chunk), at random in the others but row 1, which has
+     * no finite logit (NaN). */
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        if ((i == 0 && j < cols - 3) || i == 1 || uniform() < 0.3) {
+          store_any(t, z, i * zs + j, -INFINITY);
+          z64[i * zs + j] = -INFINITY;
+        }
       }
     }
   }
@@ -239,6 +261,9 @@ static void check_loss(loss_case c) {
   }
   if (c.special == NONFINITE && rows > 4) {
     y[4 * ys] = 0; /* the all-NaN row counts */
+  }
+  if (c.special == NEG_INF && rows > 1) {
+    y[ys] = 0; /* the row with no finite logit counts */
   }
   mcmi_problem p;
   memset(&p, 0, sizeof p);
@@ -392,7 +417,7 @@ static void check_class_sums_and_ema(int64_t rows, int64_t cols, int64_t k,
   int64_t *counts = (int64_t *)malloc(sizeof(int64_t) * (size_t)k);
   int64_t *gcounts = (int64_t *)malloc(sizeof(int64_t) * (size_t)k);
   void *ws = cpu_ws(mcmi_cpu_class_sums_workspace(&p));
-  int64_t bad = -1, gbad = -2;
+  int64_t bad = -1;
   CHECK(mcmi_cpu_class_sums(&p, log_probs, sums, cols, counts, ws, 2, &bad) ==
             MCMI_OK,
         "cpu sums");
@@ -400,18 +425,15 @@ static void check_class_sums_and_ema(int64_t rows, int64_t cols, int64_t k,
   mcmi_problem d = p;
   d.logits = to_device(p.logits, es * (size_t)n);
   d.target = (const int64_t *)to_device(y, sizeof(int64_t) * (size_t)rows);
-  void *dsums, *dcounts, *dws, *dbad;
+  void *dsums, *dcounts, *dws;
   CUDA_OK(cudaMalloc(&dsums, es * (size_t)(k * cols)));
   CUDA_OK(cudaMalloc(&dcounts, sizeof(int64_t) * (size_t)k));
-  CUDA_OK(cudaMalloc(&dbad, sizeof(int64_t)));
   CUDA_OK(cudaMalloc(&dws, mcmi_cuda_class_sums_workspace(&d)));
   CHECK(mcmi_cuda_class_sums(&d, log_probs, dsums, cols, (int64_t *)dcounts,
-                             (int64_t *)dbad, dws, NULL) == MCMI_OK,
+                             dws, NULL) == MCMI_OK,
         "cuda sums");
   to_host(gsums, dsums, es * (size_t)(k * cols), 1);
   to_host(gcounts, dcounts, sizeof(int64_t) * (size_t)k, 0);
-  to_host(&gbad, dbad, sizeof gbad, 0);
-  CHECK(gbad == -1, "no bad row expected, got %lld", (long long)gbad);
   CHECK(memcmp(counts, gcounts, sizeof(int64_t) * (size_t)k) == 0,
         "class counts differ");
   double *a = (double *)malloc(sizeof(double) * (size_t)(k * cols));
@@ -443,8 +465,8 @@ static void check_class_sums_and_ema(int64_t rows, int64_t cols, int64_t k,
   CHECK(mcmi_cpu_ema_update(&p, 0.25, q, cols, seen, ews, 2, &bad) == MCMI_OK,
         "cpu ema");
   free(ews);
-  CHECK(mcmi_cuda_ema_update(&d, 0.25, dq, cols, (uint8_t *)dseen,
-                             (int64_t *)dbad, dws, NULL) == MCMI_OK,
+  CHECK(mcmi_cuda_ema_update(&d, 0.25, dq, cols, (uint8_t *)dseen, dws, NULL) ==
+            MCMI_OK,
         "cuda ema");
   to_host(gq, dq, es * (size_t)(k * cols), 1);
   to_host(gseen, dseen, (size_t)k, 0);
@@ -458,15 +480,14 @@ static void check_class_sums_and_ema(int64_t rows, int64_t cols, int64_t k,
 
   cudaFree((void *)d.logits), cudaFree((void *)d.target), cudaFree(dsums);
   cudaFree(dcounts), cudaFree(dws), cudaFree(dq), cudaFree(dseen);
-  cudaFree(dbad);
   free(z32), free(z64), free(y), free(sums), free(gsums), free(counts);
   free(gcounts), free(q), free(gq), free(seen), free(gseen), free(a), free(b);
 }
 
 /* Bad input: a label out of range and a centroid row that does not sum to 1.
  * The CPU kernels return an error naming the row (label) or class; the CUDA
- * loss gives NaN for exactly the rows concerned, and CUDA class sums and EMA
- * report the same row in *bad_row and leave the centroids as they were. */
+ * loss gives NaN for exactly the rows concerned (CUDA class sums and the
+ * EMA update stop instead: run_bad_label). */
 static void check_bad_input(void) {
   const int64_t rows = 6, cols = 5, k = 5;
   float *z = random_logits(rows * cols, 1.0);
@@ -504,52 +525,60 @@ static void check_bad_input(void) {
   }
 
   y[2] = -3;
-  mcmi_problem d = p;
-  d.logits = to_device(z, sizeof(float) * (size_t)(rows * cols));
-  d.target = (const int64_t *)to_device(y, sizeof y);
-  void *dsums, *dcounts, *dws, *dbad, *dq, *dseen;
-  CUDA_OK(cudaMalloc(&dsums, sizeof(float) * (size_t)(k * cols)));
-  CUDA_OK(cudaMalloc(&dcounts, sizeof(int64_t) * (size_t)k));
-  CUDA_OK(cudaMalloc(&dbad, sizeof(int64_t)));
-  CUDA_OK(cudaMalloc(&dws, mcmi_cuda_class_sums_workspace(&d)));
   void *ws = cpu_ws(mcmi_cpu_class_sums_workspace(&p));
   float sums[25];
-  int64_t counts[5], gbad = -1;
+  int64_t counts[5];
   CHECK(mcmi_cpu_class_sums(&p, 0, sums, cols, counts, ws, 2, &bad) ==
                 MCMI_ERROR_TARGET &&
             bad == 2,
         "cpu class sums: label out of range at row 2");
   free(ws);
-  CHECK(mcmi_cuda_class_sums(&d, 0, dsums, cols, (int64_t *)dcounts,
-                             (int64_t *)dbad, dws, NULL) == MCMI_OK,
-        "cuda class sums");
-  to_host(&gbad, dbad, sizeof gbad, 0);
-  CHECK(gbad == 2, "cuda class sums: bad row 2, got %lld", (long long)gbad);
-  uint8_t seen[5] = {0, 1, 0, 1, 0}, gseen[5];
-  float gq[25];
-  dq = to_device(q, sizeof q);
-  dseen = to_device(seen, sizeof seen);
-  gbad = -1;
-  CHECK(mcmi_cuda_ema_update(&d, 0.5, dq, cols, (uint8_t *)dseen,
-                             (int64_t *)dbad, dws, NULL) == MCMI_OK,
-        "cuda ema");
-  to_host(&gbad, dbad, sizeof gbad, 0);
-  to_host(gq, dq, sizeof gq, 1);
-  to_host(gseen, dseen, sizeof gseen, 0);
-  CHECK(gbad == 2 && memcmp(gq, q, sizeof q) == 0 &&
-            memcmp(gseen, seen, sizeof seen) == 0,
-        "cuda ema with a bad label: bad row %lld, must change nothing",
-        (long long)gbad);
+  uint8_t seen[5] = {0, 1, 0, 1, 0};
   ws = cpu_ws(mcmi_cpu_ema_workspace(&p, 2));
   CHECK(mcmi_cpu_ema_update(&p, 0.5, q, cols, seen, ws, 2, &bad) ==
                 MCMI_ERROR_TARGET &&
             bad == 2,
         "cpu ema: label out of range at row 2");
   free(ws);
-  cudaFree((void *)d.logits), cudaFree((void *)d.target), cudaFree(dsums);
-  cudaFree(dcounts), cudaFree(dbad), cudaFree(dws), cudaFree(dq);
-  cudaFree(dseen);
   free(z);
+}
+
+/*
+ * `test_cuda bad-label sums|ema`: CUDA class sums or the EMA update with
+ * the label -3 at row 2. The kernel must stop with a device-side assertion
+ * naming the row and the label (the Makefile runs this and expects the
+ * program to fail with that message): it returns only if it did not.
+ */
+static int run_bad_label(const char *what) {
+  setvbuf(stdout, NULL, _IONBF, 0); /* the kernel's message before the stop */
+  const int64_t rows = 6, cols = 5, k = 5;
+  float *z = random_logits(rows * cols, 1.0);
+  int64_t y[6] = {0, 1, -3, 2, -100, 3};
+  float q[25];
+  uint8_t seen[5] = {0, 1, 0, 1, 0};
+  for (int i = 0; i < 25; ++i) {
+    q[i] = 0.2f;
+  }
+  mcmi_problem d;
+  memset(&d, 0, sizeof d);
+  d.rows = rows, d.cols = cols, d.classes = k, d.dtype = MCMI_FLOAT32;
+  d.logits = to_device(z, sizeof(float) * (size_t)(rows * cols));
+  d.logits_stride = cols, d.target_stride = 1, d.temperature = 1.0;
+  d.target = (const int64_t *)to_device(y, sizeof y);
+  d.floor = 1e-12, d.ignore_index = -100;
+  void *dsums, *dcounts, *dws, *dq = to_device(q, sizeof q),
+                               *dseen = to_device(seen, sizeof seen);
+  CUDA_OK(cudaMalloc(&dsums, sizeof(float) * (size_t)(k * cols)));
+  CUDA_OK(cudaMalloc(&dcounts, sizeof(int64_t) * (size_t)k));
+  CUDA_OK(cudaMalloc(&dws, mcmi_cuda_class_sums_workspace(&d)));
+  const mcmi_status st =
+      strcmp(what, "ema") == 0
+          ? mcmi_cuda_ema_update(&d, 0.5, dq, cols, (uint8_t *)dseen, dws, NULL)
+          : mcmi_cuda_class_sums(&d, 0, dsums, cols, (int64_t *)dcounts, dws,
+                                 NULL);
+  CUDA_OK(cudaDeviceSynchronize());
+  printf("%s with a bad label returned %d: it must stop\n", what, (int)st);
+  return 0;
 }
 
 /* In-batch centroids take min(B, K) x C means, not K x C. */
@@ -566,11 +595,14 @@ static void check_workspace(void) {
         "in-batch loss workspace of %zu bytes for B = 4, K = C = 40000", bytes);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     fprintf(stderr, "no CUDA device: this program needs a GPU to run\n");
     return 77;
+  }
+  if (argc == 3 && strcmp(argv[1], "bad-label") == 0) {
+    return run_bad_label(argv[2]);
   }
   /* rows, cols, classes: K == C, K < C, long rows (a block per row), and a
    * few long rows (split over several blocks each). */
@@ -616,6 +648,36 @@ int main(void) {
     check_loss(empty);
     empty.reduction = MCMI_REDUCTION_NONE;
     check_loss(empty);
+  }
+  /* -inf logits (classes of probability 0), tiny and huge temperatures
+   * (1/T beyond float32's range either way), on a warp, a block and split
+   * rows, per row, in float32 and float64. */
+  const double temps[] = {1.0, 2.5, 1e-39, 1e300};
+  for (int mode = 0; mode < 3; ++mode) {
+    for (int ti = 0; ti < 4; ++ti) {
+      for (int special = 0; special < 5; special += 4) {
+        const int64_t shapes_t[][3] = {
+            {9, 10, 10}, {6, 2000, 50}, {3, 40000, 8}};
+        for (int sh = 0; sh < 3; ++sh) {
+          loss_case c = {shapes_t[sh][0],
+                         shapes_t[sh][1],
+                         shapes_t[sh][2],
+                         mode,
+                         MCMI_REDUCTION_NONE,
+                         temps[ti],
+                         sh == 1 ? MCMI_FLOAT64 : MCMI_FLOAT32,
+                         sh == 0 ? 3 : 0,
+                         special};
+          check_loss(c);
+        }
+      }
+    }
+  }
+  /* In-batch means at a small T, where the gradient magnifies their
+   * rounding by 1/T: summed in double, as on the CPU. */
+  for (int red = 0; red < 3; ++red) {
+    loss_case c = {33, 100, 10, 2, red, 1e-4, MCMI_FLOAT32, 0, CLOSE};
+    check_loss(c);
   }
   for (int batch = 0; batch < 2; ++batch) {
     check_small_kl(16, 100, batch);  /* a warp per row */

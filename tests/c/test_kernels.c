@@ -860,8 +860,7 @@ static void test_neg_inf_logits(void) {
         float *grad32 = malloc(sizeof(float) * (size_t)(rows * cols));
         int64_t bad;
         CHECK(run_loss(&p, f32 ? (void *)loss32 : (void *)loss,
-                       f32 ? (void *)grad32 : (void *)grad, 2,
-                       &bad) == MCMI_OK,
+                       f32 ? (void *)grad32 : (void *)grad, 2, &bad) == MCMI_OK,
               "-inf logits: status");
         ref_loss(&c, batch, t, 0.0, 1.0, 0, want);
         for (int64_t i = 0; i < rows; ++i) {
@@ -878,8 +877,8 @@ static void test_neg_inf_logits(void) {
                 "-inf row %lld (batch %d f32 %d T %g): %.12g vs %.12g",
                 (long long)i, batch, f32, t, l, want[i]);
           for (int64_t j = 0; j < cols; ++j) {
-            const double g = f32 ? (double)grad32[i * cols + j]
-                                 : grad[i * cols + j];
+            const double g =
+                f32 ? (double)grad32[i * cols + j] : grad[i * cols + j];
             CHECK(c.z[i * cols + j] == -INFINITY ? g == 0.0 : isfinite(g),
                   "-inf row %lld col %lld: gradient %g", (long long)i,
                   (long long)j, g);
@@ -919,13 +918,15 @@ static void test_neg_inf_logits(void) {
           for (int64_t j = 0; j < cols; ++j) {
             total += f32 ? (double)sums32[k * cols + j] : sums[k * cols + j];
           }
-          CHECK(fabs(total - (double)counts[k]) < 1e-5 * (double)(1 + counts[k]),
+          CHECK(fabs(total - (double)counts[k]) <
+                    1e-5 * (double)(1 + counts[k]),
                 "-inf class sums: class %lld total %g, count %lld",
                 (long long)k, total, (long long)counts[k]);
         }
         CHECK((f32 ? (double)sums32[0] : sums[0]) == 0.0 || counts[0] > 1,
               "-inf class sums: column 0");
-        free(sums), free(sums32), free(z32), free(q32), free(grad), free(grad32);
+        free(sums), free(sums32), free(z32), free(q32), free(grad),
+            free(grad32);
         free_case(&c);
       }
     }
