@@ -96,28 +96,38 @@ def with_cuda() -> bool:
 
 
 def extensions():
-    sources = [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops.cpp")]
-    common = dict(
+    # The core module: schemas, CPU kernels and ops. It links torch's CPU
+    # libraries only, so it loads on every torch.
+    core = CppExtension(
+        "mcmi_torch._C",
+        [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops.cpp")],
         include_dirs=[os.path.join(ROOT, CSRC)],
+        extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp", *STRIP],
         py_limited_api=True,
     )
     if not with_cuda():
-        return [
-            CppExtension("mcmi_torch._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, **common)
-        ]
+        return [core]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    return [
-        CUDAExtension(
-            "mcmi_torch._C",
-            [*sources, os.path.join(CSRC, "cuda", "mcmi_cuda.cu")],
-            extra_compile_args={
-                "cxx": [*CXX_FLAGS, "-DUSE_CUDA"],
-                "nvcc": ["-std=c++17", *OPT, "-DUSE_CUDA"],
-            },
-            **common,
-        )
-    ]
+    # The CUDA kernels and their registration, a library of their own that
+    # links torch's CUDA libraries: Python imports it only when torch has CUDA.
+    cuda = CUDAExtension(
+        "mcmi_torch._C_cuda",
+        [
+            os.path.join(CSRC, "mcmi_check.c"),
+            os.path.join(CSRC, "module_cuda.c"),
+            os.path.join(CSRC, "ops_cuda.cpp"),
+            os.path.join(CSRC, "cuda", "mcmi_cuda.cu"),
+        ],
+        include_dirs=[os.path.join(ROOT, CSRC)],
+        extra_compile_args={
+            "cxx": [*CXX_FLAGS, "-DUSE_CUDA"],
+            "nvcc": ["-std=c++17", *OPT],
+        },
+        extra_link_args=STRIP,
+        py_limited_api=True,
+    )
+    return [core, cuda]
 
 
 setup(
