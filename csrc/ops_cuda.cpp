@@ -22,8 +22,9 @@ struct CudaBackend {
 
   explicit CudaBackend(const Tensor &first)
       : guard(first.get_device_index()), like(first) {
-    STABLE_TORCH_ERROR_CODE_CHECK(
-        aoti_torch_get_current_cuda_stream(first.get_device_index(), &stream));
+    MCMI_CHECK(aoti_torch_get_current_cuda_stream(
+                   first.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+               "mcmi: cannot get torch's current CUDA stream");
   }
 
   mcmi_status loss(const mcmi_problem &problem, void *loss, int64_t loss_stride,
