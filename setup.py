@@ -122,7 +122,8 @@ def extensions():
         include_dirs=[os.path.join(ROOT, CSRC)],
         extra_compile_args={
             "cxx": [*CXX_FLAGS, "-DUSE_CUDA"],
-            "nvcc": ["-std=c++17", *OPT],
+            # Hidden: the launchers are called from ops_cuda.cpp only.
+            "nvcc": ["-std=c++17", "-Xcompiler=-fvisibility=hidden", *OPT],
         },
         extra_link_args=STRIP,
         py_limited_api=True,
