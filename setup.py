@@ -1,11 +1,14 @@
-"""Build of mcmi_torch: C11 kernels + a stable-ABI C++ shim, as one abi3 module.
+"""Build of mcmi_torch: C11 kernels + a stable-ABI C++ shim, as abi3 modules: the
+core (_C: schemas, CPU kernels) and, when torch is a CUDA build and nvcc is found
+(no GPU needed), the CUDA kernels (_C_cuda).
 
-Build without isolation, against the torch you run:
+Build without isolation, against the torch you run (setuptools >= 77):
     pip install --no-build-isolation .
 Environment:
-    FORCE_CUDA=1          build the CUDA kernels even where no GPU is visible (needs a
-                          CUDA build of torch and nvcc); by default they are built when
-                          torch has CUDA and sees a GPU
+    CUDA_HOME             the CUDA toolkit's root (holding bin/nvcc and include/), where
+                          torch does not find it from the nvcc on PATH
+    FORCE_CUDA=1          require the CUDA kernels: fail, saying why, when they cannot be
+                          built; FORCE_CUDA=0 leaves them out
     TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0+PTX": A100, H100/H200,
                           and PTX for newer GPUs)
     MCMI_DEBUG=1          -O0 -g, and the shared library keeps its debug info and symbol
@@ -13,6 +16,7 @@ Environment:
 """
 
 import os
+import sys
 import sysconfig
 
 from setuptools import find_packages, setup
@@ -90,34 +94,72 @@ class BuildExt(BuildExtension):
 
 
 def with_cuda() -> bool:
-    if os.environ.get("FORCE_CUDA", "0") == "1":
+    """Whether to build the CUDA kernels: whenever torch is a CUDA build and
+    nvcc is found (no GPU needed). FORCE_CUDA=1 requires them, FORCE_CUDA=0
+    leaves them out."""
+    force = os.environ.get("FORCE_CUDA")
+    if force == "0":
+        return False
+    if torch.version.cuda is None:
+        missing = f"torch {torch.__version__} is not a CUDA build"
+    elif CUDA_HOME is None:
+        missing = "nvcc was not found (put it on PATH, or set CUDA_HOME to the CUDA toolkit's root)"
+    elif not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
+        # A toolkit is there, but not where torch looked (say, nvcc on PATH is a
+        # wrapper script outside the toolkit): building on would fail later.
+        raise SystemExit(
+            f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime_api.h: set CUDA_HOME to the "
+            "CUDA toolkit's root (the directory holding bin/nvcc and include/), or build "
+            "without the CUDA kernels with FORCE_CUDA=0"
+        )
+    else:
         return True
-    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+    if force == "1":
+        raise SystemExit(f"FORCE_CUDA=1, but the CUDA kernels cannot be built: {missing}")
+    print(f"mcmi-torch: building without the CUDA kernels: {missing}", file=sys.stderr)
+    return False
 
 
 def extensions():
-    sources = [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops.cpp")]
-    common = dict(
+    # The core module: schemas, CPU kernels and ops. It links torch's CPU
+    # libraries only, so it loads on every torch.
+    core = CppExtension(
+        "mcmi_torch._C",
+        [*C_SOURCES, os.path.join(CSRC, "library.cpp"), os.path.join(CSRC, "ops.cpp")],
         include_dirs=[os.path.join(ROOT, CSRC)],
+        extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp", *STRIP],
         py_limited_api=True,
     )
     if not with_cuda():
-        return [
-            CppExtension("mcmi_torch._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, **common)
-        ]
+        return [core]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    return [
-        CUDAExtension(
-            "mcmi_torch._C",
-            [*sources, os.path.join(CSRC, "cuda", "mcmi_cuda.cu")],
-            extra_compile_args={
-                "cxx": [*CXX_FLAGS, "-DUSE_CUDA"],
-                "nvcc": ["-std=c++17", *OPT, "-DUSE_CUDA"],
-            },
-            **common,
-        )
-    ]
+    # The CUDA kernels and their registration, a library of their own that
+    # links torch's CUDA libraries: Python imports it only when torch has CUDA.
+    cuda = CUDAExtension(
+        "mcmi_torch._C_cuda",
+        [
+            os.path.join(CSRC, "mcmi_check.c"),
+            os.path.join(CSRC, "module_cuda.c"),
+            os.path.join(CSRC, "ops_cuda.cpp"),
+            os.path.join(CSRC, "cuda", "mcmi_cuda.cu"),
+        ],
+        include_dirs=[os.path.join(ROOT, CSRC)],
+        extra_compile_args={
+            "cxx": [*CXX_FLAGS, "-DUSE_CUDA"],
+            # Hidden: the launchers are called from ops_cuda.cpp only. A register
+            # spill is a warning (CI fails on warnings).
+            "nvcc": [
+                "-std=c++17",
+                "-Xcompiler=-fvisibility=hidden",
+                "-Xptxas=--warn-on-spills",
+                *OPT,
+            ],
+        },
+        extra_link_args=STRIP,
+        py_limited_api=True,
+    )
+    return [core, cuda]
 
 
 setup(

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the kernels and registers the ops)
+from . import _C, _cuda  # noqa: F401  (register the ops, the CPU and CUDA kernels)
 from ._args import REDUCTIONS, class_means, compute_dtype
 
 #: Largest ``num_classes`` the ops take (the C++ shim holds the same bound).

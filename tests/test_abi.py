@@ -1,6 +1,8 @@
-"""The binary keeps its promises: LibTorch stable ABI only, the CPython limited
-API only, one exported symbol, and a single OpenMP runtime next to torch's."""
+"""The binaries keep their promises: LibTorch stable ABI only, the CPython
+limited API only, one exported symbol each, a single OpenMP runtime next to
+torch's, and the CUDA library loaded exactly when torch has CUDA."""
 
+import importlib.machinery
 import json
 import pathlib
 import shutil
@@ -8,37 +10,67 @@ import subprocess
 import sys
 
 import pytest
-import torch  # noqa: F401  (torch first, as mcmi_torch itself does)
+import torch
 
 import mcmi_torch
 
-LIBRARY = pathlib.Path(mcmi_torch._ops._C.__file__)
+PACKAGE = pathlib.Path(mcmi_torch.__file__).parent
 
 
-def dynamic_symbols(*flags):
+def built(name):
+    """The file of the extension mcmi_torch.<name> in the package, or None."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (PACKAGE / f"{name}{suffix}").exists():
+            return PACKAGE / f"{name}{suffix}"
+    return None
+
+
+#: The core (schemas, CPU kernels) and, in a CUDA build, the CUDA library.
+LIBRARIES = [name for name in ("_C", "_C_cuda") if built(name) is not None]
+
+#: What each library may import from CPython: the limited API only.
+LIMITED_API = {
+    "_C": ["PyFloat_FromDouble", "PyModule_AddObject", "PyModule_Create2", "Py_DecRef"],
+    "_C_cuda": ["PyModule_Create2"],
+}
+
+
+@pytest.fixture(params=LIBRARIES)
+def library(request):
+    return request.param
+
+
+def dynamic_symbols(library, *flags):
     if shutil.which("nm") is None:
         pytest.fail("nm (binutils) is needed to inspect the extension")
-    out = subprocess.run(["nm", "-D", *flags, str(LIBRARY)], capture_output=True, text=True)
+    out = subprocess.run(["nm", "-D", *flags, str(built(library))], capture_output=True, text=True)
     return {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
 
 
-def test_one_abi3_module_for_every_python():
-    assert LIBRARY.name.endswith(".abi3.so"), LIBRARY.name
+def test_one_abi3_module_for_every_python(library):
+    assert built(library).name.endswith(".abi3.so"), built(library).name
 
 
-def test_only_the_stable_c_shim_of_torch_is_used():
-    undefined = dynamic_symbols("--undefined-only")
+def test_only_the_stable_c_shim_of_torch_is_used(library):
+    undefined = dynamic_symbols(library, "--undefined-only")
     cxx_torch = sorted(s for s in undefined if s.startswith(("_ZN3c10", "_ZN2at", "_ZN5torch")))
     assert not cxx_torch, f"C++ symbols of torch (not ABI-stable): {cxx_torch[:5]}"
     assert any(s.startswith("aoti_torch_") for s in undefined)
     python = sorted(s for s in undefined if s.startswith(("Py", "_Py")))
-    limited_api = ["PyFloat_FromDouble", "PyModule_AddObject", "PyModule_Create2", "Py_DecRef"]
-    assert python == limited_api, python
+    assert python == LIMITED_API[library], python
 
 
-def test_exports_only_the_module_init():
-    exported = {s for s in dynamic_symbols("--defined-only") if not s.startswith("_")}
-    assert exported == {"PyInit__C"}, sorted(exported)[:10]
+def test_exports_only_the_module_init(library):
+    exported = {s for s in dynamic_symbols(library, "--defined-only") if not s.startswith("_")}
+    assert exported == {f"PyInit_{library}"}, sorted(exported)[:10]
+
+
+def test_the_cuda_kernels_load_exactly_when_torch_has_cuda():
+    """A CUDA build's library links torch's CUDA libraries: imported under a
+    CUDA torch, never under a CPU-only one, where the core alone serves."""
+    expected = torch.version.cuda is not None and built("_C_cuda") is not None
+    assert ("mcmi_torch._C_cuda" in sys.modules) == expected
+    assert mcmi_torch._cuda.CUDA_KERNELS == expected
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
