@@ -880,68 +880,68 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename AccOf<T>::type;
   constexpr int warps = kThreads / kWarp;
   __shared__ double part[warps][kSumCols];
-  const int64_t s = blockIdx.x;
-  if (s >= *sl.used) {
-    return; /* uniform over the block */
-  }
   const int lane = (int)(threadIdx.x % kWarp), w = (int)(threadIdx.x / kWarp);
   const Scale<A> sc = scale_of<A>(p.temperature);
-  const int64_t n = sl.count[s];
-  const int64_t *rows = order + sl.offset[s];
-  A *o = out + (by_class ? sl.slot_class[s] : s) * out_stride;
-  const int64_t tiles = (p.cols + kSumCols - 1) / kSumCols;
-  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
-    const int64_t j = tile * kSumCols + lane;
-    double acc = 0.0;
-    for (int64_t k = w; k < n && j < p.cols; k += warps) {
-      const int64_t i = rows[k];
-      const T *z = (const T *)p.logits + i * p.logits_stride;
-      const A u = scaled(load(z[j]) - (A)row_m[i], sc);
-      acc += log_probs ? (double)(u - (A)row_norm[i])
-                       : (double)dexp(u) * row_norm[i];
-    }
-    part[w][lane] = acc;
-    __syncthreads();
-    if (w == 0 && j < p.cols) {
-      double sum = part[0][lane];
-      for (int k = 1; k < warps; ++k) {
-        sum += part[k][lane];
+  /* Slots beyond the grid are taken in a strided loop (uniform over the
+   * block, as are the tiles). */
+  for (int64_t s = blockIdx.x; s < *sl.used; s += gridDim.x) {
+    const int64_t n = sl.count[s];
+    const int64_t *rows = order + sl.offset[s];
+    A *o = out + (by_class ? sl.slot_class[s] : s) * out_stride;
+    const int64_t tiles = (p.cols + kSumCols - 1) / kSumCols;
+    for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+      const int64_t j = tile * kSumCols + lane;
+      double acc = 0.0;
+      for (int64_t k = w; k < n && j < p.cols; k += warps) {
+        const int64_t i = rows[k];
+        const T *z = (const T *)p.logits + i * p.logits_stride;
+        const A u = scaled(load(z[j]) - (A)row_m[i], sc);
+        acc += log_probs ? (double)(u - (A)row_norm[i])
+                         : (double)dexp(u) * row_norm[i];
       }
-      o[j] = (A)(mean ? sum * (1.0 / (double)n) : sum);
+      part[w][lane] = acc;
+      __syncthreads();
+      if (w == 0 && j < p.cols) {
+        double sum = part[0][lane];
+        for (int k = 1; k < warps; ++k) {
+          sum += part[k][lane];
+        }
+        o[j] = (A)(mean ? sum * (1.0 / (double)n) : sum);
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
 }
 
-/* Zero rows of `out` for classes with no rows (class_sums output). */
+/* Zero rows of `out` for classes with no rows (class_sums output); a
+ * row_grid launch (rows on y, columns on x, no division per element). */
 template <typename A>
 __global__ void zero_absent(const int64_t *counts, int64_t classes,
                             int64_t cols, A *out, int64_t out_stride) {
-  const int64_t total = classes * cols;
-  for (int64_t k = (int64_t)blockIdx.x * kThreads + threadIdx.x; k < total;
-       k += (int64_t)gridDim.x * kThreads) {
-    const int64_t c = k / cols;
-    if (counts[c] == 0) {
-      out[c * out_stride + k % cols] = (A)0;
+  for (int64_t c = blockIdx.y; c < classes; c += gridDim.y) {
+    if (counts[c] != 0) {
+      continue;
+    }
+    for (int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x; j < cols;
+         j += (int64_t)gridDim.x * kThreads) {
+      out[c * out_stride + j] = (A)0;
     }
   }
 }
 
-/* EMA step for the classes present (none when a label is out of range);
+/* EMA step for the classes present (slots in a strided loop);
  * `seen` is read here and set by ema_mark_seen afterwards. */
 template <typename A>
 __global__ void ema_apply(const A *means, Slots sl, int64_t cols, A momentum,
                           const uint8_t *seen, A *q, int64_t q_stride) {
-  const int64_t s = blockIdx.x;
-  if (s >= *sl.used) {
-    return;
-  }
-  const int64_t c = sl.slot_class[s];
-  const A *b = means + s * cols;
-  A *row = q + c * q_stride;
-  for (int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x; j < cols;
-       j += (int64_t)gridDim.y * kThreads) {
-    row[j] = seen[c] ? row[j] + momentum * (b[j] - row[j]) : b[j];
+  for (int64_t s = blockIdx.x; s < *sl.used; s += gridDim.x) {
+    const int64_t c = sl.slot_class[s];
+    const A *b = means + s * cols;
+    A *row = q + c * q_stride;
+    for (int64_t j = (int64_t)blockIdx.y * kThreads + threadIdx.x; j < cols;
+         j += (int64_t)gridDim.y * kThreads) {
+      row[j] = seen[c] ? row[j] + momentum * (b[j] - row[j]) : b[j];
+    }
   }
 }
 
@@ -952,16 +952,18 @@ __global__ void ema_mark_seen(Slots sl, int64_t max_slots, uint8_t *seen) {
   }
 }
 
+/* x[i][j] *= scale[i]; a row_grid launch. */
 template <typename T>
 __global__ void scale_rows_kernel(T *x, int64_t rows, int64_t cols,
                                   int64_t stride, const T *scale,
                                   int64_t scale_stride) {
-  const int64_t total = rows * cols;
-  for (int64_t k = (int64_t)blockIdx.x * kThreads + threadIdx.x; k < total;
-       k += (int64_t)gridDim.x * kThreads) {
-    const int64_t i = k / cols, j = k % cols;
-    T *v = x + i * stride + j;
-    *v = store<T>(load(*v) * load(scale[i * scale_stride]));
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    const auto k = load(scale[i * scale_stride]);
+    T *r = x + i * stride;
+    for (int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x; j < cols;
+         j += (int64_t)gridDim.x * kThreads) {
+      r[j] = store<T>(load(r[j]) * k);
+    }
   }
 }
 
@@ -1052,8 +1054,29 @@ unsigned grid_y_for(int64_t tiles) {
   return (unsigned)(tiles < (int64_t)kMaxGridY ? tiles : kMaxGridY);
 }
 
-/* MCMI_ERROR_LAUNCH when a launch of this call (or an earlier one on the
- * thread) failed; clears the error. */
+/* Blocks for work over the slots of the classes present, whose number is
+ * known only on the device: at most kSlotBlocks, each taking slots in a
+ * strided loop (not one block per possible slot, min(rows, classes)). */
+constexpr int64_t kSlotBlocks = 1024;
+unsigned slot_blocks(const mcmi_problem &p) {
+  const int64_t n = max_slots(&p);
+  return (unsigned)(n < kSlotBlocks ? (n > 0 ? n : 1) : kSlotBlocks);
+}
+
+/* A grid for `rows` rows of `cols` columns: rows on y, column tiles of
+ * kThreads on x, both in strided loops beyond the grid's bounds. */
+dim3 row_grid(int64_t rows, int64_t cols) {
+  const int64_t tiles = (cols + kThreads - 1) / kThreads;
+  return dim3((unsigned)(tiles < 1024 ? (tiles > 0 ? tiles : 1) : 1024),
+              grid_y_for(rows > 0 ? rows : 1));
+}
+
+/* Whether an entry point may launch: not on top of an error that earlier
+ * work on this thread left pending (it is left for its owner to read). */
+bool no_pending_error() { return cudaPeekAtLastError() == cudaSuccess; }
+
+/* MCMI_ERROR_LAUNCH when a launch or memset of this call failed (the
+ * entry points launch only with no error pending); clears the error. */
 mcmi_status launch_status() {
   return cudaGetLastError() == cudaSuccess ? MCMI_OK : MCMI_ERROR_LAUNCH;
 }
@@ -1095,7 +1118,7 @@ void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
   count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
   assign_slots<<<1, kThreads, 0, s>>>(counts, p.classes, sl);
   order_rows<<<1, kThreads, 0, s>>>(p, sl, (int64_t *)(ws + l.order));
-  const dim3 grid((unsigned)max_slots(&p),
+  const dim3 grid(slot_blocks(p),
                   grid_y_for((p.cols + kSumCols - 1) / kSumCols));
   slot_sums<T><<<grid, kThreads, 0, s>>>(
       p, row_m, row_norm, sl, (const int64_t *)(ws + l.order), log_probs, mean,
@@ -1119,7 +1142,10 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
   const Split sp = split_plan(&p);
   if (p.rows > 0) {
     if (batch) {
-      cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+      if (cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s) !=
+          cudaSuccess) {
+        return; /* launch_status reports it */
+      }
       slot_sums_into<T, GROUP>(p, l, ws, 0, 1, 0, means, p.cols, counts, s);
     }
     if (sp.splits > 1) {
@@ -1197,15 +1223,15 @@ void class_sums_launch(const mcmi_problem &p, int log_probs, A *sums,
                        cudaStream_t s) {
   const Layout l = make_layout(&p, false);
   scan_targets<<<1, kThreads, 0, s>>>(p, (int64_t *)(ws + l.valid), true);
-  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+  if (cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s) !=
+      cudaSuccess) {
+    return; /* launch_status reports it */
+  }
   if (p.rows > 0) {
     sums_any<A>(p, l, ws, log_probs, 0, 1, sums, sums_stride, counts, s);
   }
-  const int64_t total = p.classes * p.cols;
-  const unsigned blocks =
-      (unsigned)(total / kThreads + 1 < 65535 ? total / kThreads + 1 : 65535);
-  zero_absent<A><<<blocks, kThreads, 0, s>>>(counts, p.classes, p.cols, sums,
-                                             sums_stride);
+  zero_absent<A><<<row_grid(p.classes, p.cols), kThreads, 0, s>>>(
+      counts, p.classes, p.cols, sums, sums_stride);
 }
 
 template <typename A>
@@ -1219,11 +1245,14 @@ void ema_launch(const mcmi_problem &p, A momentum, A *centroids,
   }
   int64_t *counts = (int64_t *)(ws + l.counts);
   A *means = (A *)(ws + l.means);
-  cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s);
+  if (cudaMemsetAsync(counts, 0, (size_t)p.classes * sizeof(int64_t), s) !=
+      cudaSuccess) {
+    return; /* launch_status reports it */
+  }
   sums_any<A>(p, l, ws, 0, 1, 0, means, p.cols, counts, s);
   const Slots sl = slots_in(l, ws);
   const int64_t slots = max_slots(&p);
-  const dim3 grid((unsigned)slots,
+  const dim3 grid(slot_blocks(p),
                   grid_y_for((p.cols + kThreads - 1) / kThreads));
   ema_apply<A><<<grid, kThreads, 0, s>>>(means, sl, p.cols, momentum, seen,
                                          centroids, centroids_stride);
@@ -1250,6 +1279,9 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
        !(p->reduction == MCMI_REDUCTION_NONE && p->rows == 0))) {
     return MCMI_ERROR_ARGUMENT;
   }
+  if (!no_pending_error()) {
+    return MCMI_ERROR_LAUNCH;
+  }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
   with_logits_type(p->dtype, [&](auto tag) {
@@ -1267,6 +1299,9 @@ mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
       workspace == nullptr) {
     return MCMI_ERROR_ARGUMENT;
   }
+  if (!no_pending_error()) {
+    return MCMI_ERROR_LAUNCH;
+  }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
   with_logits_type(p->dtype, [&](auto tag) {
@@ -1282,6 +1317,9 @@ mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
   if (!mcmi_problem_ok(p) || centroids == nullptr || seen == nullptr ||
       workspace == nullptr || !mcmi_momentum_ok(momentum)) {
     return MCMI_ERROR_ARGUMENT;
+  }
+  if (!no_pending_error()) {
+    return MCMI_ERROR_LAUNCH;
   }
   cudaStream_t s = (cudaStream_t)stream;
   char *ws = (char *)workspace;
@@ -1303,13 +1341,13 @@ mcmi_status mcmi_cuda_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
   if (rows == 0 || cols == 0) {
     return MCMI_OK;
   }
+  if (!no_pending_error()) {
+    return MCMI_ERROR_LAUNCH;
+  }
   cudaStream_t s = (cudaStream_t)stream;
-  const int64_t total = rows * cols;
-  const unsigned blocks =
-      (unsigned)(total / kThreads + 1 < 65535 ? total / kThreads + 1 : 65535);
   with_logits_type(dtype, [&](auto tag) {
     using T = decltype(tag);
-    scale_rows_kernel<T><<<blocks, kThreads, 0, s>>>(
+    scale_rows_kernel<T><<<row_grid(rows, cols), kThreads, 0, s>>>(
         (T *)x, rows, cols, stride, (const T *)scale, scale_stride);
   });
   return launch_status();

@@ -688,6 +688,8 @@ int main(int argc, char **argv) {
   check_class_sums_and_ema(600, 20, 1, 0, 1); /* one class, 3 row chunks */
   check_class_sums_and_ema(64, 2000, 100, 0, 0);
   check_class_sums_and_ema(300, 50, 7, 1, 1);
+  /* More classes present than slot blocks: blocks loop over slots. */
+  check_class_sums_and_ema(2500, 3, 1500, 0, 0);
   check_bad_input();
   check_workspace();
   printf("%d passed, %d failed\n", checks - failures, failures);
