@@ -775,7 +775,6 @@ struct Slots {
   int64_t *slot_class; /* [max slots]: class of each slot */
   int64_t *count;      /* [max slots]: rows of each slot */
   int64_t *offset;     /* [max slots]: first position in `order` */
-  int64_t *cursor;     /* [max slots]: scratch of order_rows */
   int64_t *used;       /* number of slots */
 };
 
@@ -798,7 +797,6 @@ __global__ void assign_slots(const int64_t *counts, int64_t classes, Slots sl) {
       sl.slot_class[slot] = c;
       sl.count[slot] = counts[c];
       sl.offset[slot] = at;
-      sl.cursor[slot] = 0;
       at += counts[c];
       ++slot;
     }
@@ -808,56 +806,90 @@ __global__ void assign_slots(const int64_t *counts, int64_t classes, Slots sl) {
   }
 }
 
-/* order[offset[s] + r] = the r-th row (in row order) of slot s. One block
- * walks the rows in chunks of kThreads: a bitonic sort of (slot, lane) keys
- * ranks each row within its slot in the chunk, and the last row of each
- * slot's run advances that slot's cursor. O(rows) work, no atomics. */
-__global__ void order_rows(const mcmi_problem p, Slots sl, int64_t *order) {
+/*
+ * order[offset[s] + r] = the r-th row (in row order) of slot s, by three
+ * kernels that span the device, without atomics. Rows are taken in chunks
+ * of kThreads, a block each. chunk_rows sorts its chunk's (slot, lane) keys
+ * (bitonic), ranks each row within its slot's run in the chunk and counts
+ * each run into the (chunk, slot) table; chunk_offsets turns every slot's
+ * counts into positions, chunk by chunk (a thread per slot); place_rows puts
+ * each row at its chunk's position for its slot plus its rank.
+ */
+struct RunTable {
+  int64_t *at; /* [chunks][max slots]: run counts, then positions */
+  int64_t slots;
+};
+
+__global__ void chunk_rows(const mcmi_problem p, const int64_t *slot_of,
+                           int32_t *rank, RunTable tab) {
   __shared__ long long key[kThreads];
   __shared__ int head[kThreads];
   const int t = (int)threadIdx.x;
   const long long none = LLONG_MAX;
-  for (int64_t base = 0; base < p.rows; base += kThreads) {
-    const int64_t i = base + t;
-    const int64_t y = i < p.rows ? p.target[i * p.target_stride] : -1;
-    key[t] = i < p.rows && in_class_range(y, p)
-                 ? (long long)sl.slot_of[y] * kThreads + t
-                 : none;
-    __syncthreads();
-    for (int k = 2; k <= kThreads; k *= 2) {
-      for (int j = k / 2; j > 0; j /= 2) {
-        const int o = t ^ j;
-        if (o > t) {
-          const bool up = (t & k) == 0;
-          const long long a = key[t], b = key[o];
-          if ((a > b) == up) {
-            key[t] = b;
-            key[o] = a;
-          }
+  const int64_t base = (int64_t)blockIdx.x * kThreads, i = base + t;
+  const int64_t y = i < p.rows ? p.target[i * p.target_stride] : -1;
+  key[t] = i < p.rows && in_class_range(y, p)
+               ? (long long)slot_of[y] * kThreads + t
+               : none;
+  __syncthreads();
+  for (int k = 2; k <= kThreads; k *= 2) {
+    for (int j = k / 2; j > 0; j /= 2) {
+      const int o = t ^ j;
+      if (o > t) {
+        const bool up = (t & k) == 0;
+        const long long a = key[t], b = key[o];
+        if ((a > b) == up) {
+          key[t] = b;
+          key[o] = a;
         }
-        __syncthreads();
       }
-    }
-    const long long mine = key[t];
-    const long long s = mine / kThreads;
-    head[t] = t == 0 || key[t - 1] / kThreads != s ? t : 0;
-    __syncthreads();
-    for (int d = 1; d < kThreads; d *= 2) {
-      const int h = t >= d && head[t - d] > head[t] ? head[t - d] : head[t];
-      __syncthreads();
-      head[t] = h;
       __syncthreads();
     }
-    const int rank = t - head[t];
-    const bool last = t == kThreads - 1 || key[t + 1] / kThreads != s;
-    if (mine != none) {
-      order[sl.offset[s] + sl.cursor[s] + rank] = base + mine % kThreads;
-    }
+  }
+  const long long mine = key[t];
+  const long long s = mine / kThreads;
+  head[t] = t == 0 || key[t - 1] / kThreads != s ? t : 0;
+  __syncthreads();
+  for (int d = 1; d < kThreads; d *= 2) {
+    const int h = t >= d && head[t - d] > head[t] ? head[t - d] : head[t];
     __syncthreads();
-    if (mine != none && last) {
-      sl.cursor[s] += rank + 1;
-    }
+    head[t] = h;
     __syncthreads();
+  }
+  const int r = t - head[t];
+  const bool last = t == kThreads - 1 || key[t + 1] / kThreads != s;
+  if (mine != none) {
+    rank[base + mine % kThreads] = r;
+    if (last) {
+      tab.at[(int64_t)blockIdx.x * tab.slots + s] = r + 1;
+    }
+  }
+}
+
+__global__ void chunk_offsets(Slots sl, RunTable tab, int64_t chunks) {
+  const int64_t s = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (s >= tab.slots || s >= *sl.used) {
+    return;
+  }
+  int64_t at = sl.offset[s];
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t *cell = tab.at + c * tab.slots + s;
+    const int64_t n = *cell;
+    *cell = at;
+    at += n;
+  }
+}
+
+/* A launch of one block per chunk. */
+__global__ void place_rows(const mcmi_problem p, const int64_t *slot_of,
+                           const int32_t *rank, RunTable tab, int64_t *order) {
+  const int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (i >= p.rows) {
+    return;
+  }
+  const int64_t y = p.target[i * p.target_stride];
+  if (in_class_range(y, p)) {
+    order[tab.at[(int64_t)blockIdx.x * tab.slots + slot_of[y]] + rank[i]] = i;
   }
 }
 
@@ -982,7 +1014,7 @@ int64_t max_slots(const mcmi_problem *p) {
  * results. */
 struct Layout {
   size_t valid, row_val, row_m, row_norm, counts, slot_of, slot_class,
-      slot_count, slot_offset, cursor, used, order, means, parts, kl_parts,
+      slot_count, slot_offset, used, order, rank, runs, means, parts, kl_parts,
       results, total;
 };
 
@@ -1008,42 +1040,61 @@ Split split_plan(const mcmi_problem *p) {
   return Split{(p->cols + chunk - 1) / chunk, chunk};
 }
 
+/* a * b, or SIZE_MAX when it overflows. */
+size_t mul_or_max(size_t a, size_t b) {
+  size_t r;
+  return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
+/* The workspace layout of a problem; total is 0 when a byte count
+ * overflows (the entry points then refuse the problem). */
 Layout make_layout(const mcmi_problem *p, bool means) {
   const size_t rows = (size_t)p->rows, k = (size_t)p->classes,
-               slots = (size_t)max_slots(p);
+               slots = (size_t)max_slots(p),
+               chunks = (rows + kThreads - 1) / kThreads;
   Layout l;
   size_t at = 0;
-  const auto take = [&at](size_t bytes) {
-    const size_t here = at;
-    at = align_up(at + bytes);
+  bool ok = true;
+  const auto take = [&at, &ok](size_t n, size_t size) {
+    const size_t here = at, bytes = mul_or_max(n, size);
+    size_t end;
+    if (__builtin_add_overflow(at, bytes, &end) ||
+        end > (size_t)PTRDIFF_MAX - 255u) {
+      ok = false;
+      return here;
+    }
+    at = align_up(end);
     return here;
   };
-  l.valid = take(sizeof(int64_t));
-  l.used = take(sizeof(int64_t));
-  l.row_val = take(rows * sizeof(double));
-  l.row_m = take(rows * sizeof(double));
-  l.row_norm = take(rows * sizeof(double));
-  l.counts = take(k * sizeof(int64_t));
-  l.slot_of = take(k * sizeof(int64_t));
-  l.slot_class = take(slots * sizeof(int64_t));
-  l.slot_count = take(slots * sizeof(int64_t));
-  l.slot_offset = take(slots * sizeof(int64_t));
-  l.cursor = take(slots * sizeof(int64_t));
-  l.order = take(rows * sizeof(int64_t));
-  l.means = take(means ? slots * (size_t)p->cols * mcmi_acc_size(p->dtype) : 0);
+  l.valid = take(1, sizeof(int64_t));
+  l.used = take(1, sizeof(int64_t));
+  l.row_val = take(rows, sizeof(double));
+  l.row_m = take(rows, sizeof(double));
+  l.row_norm = take(rows, sizeof(double));
+  l.counts = take(k, sizeof(int64_t));
+  l.slot_of = take(k, sizeof(int64_t));
+  l.slot_class = take(slots, sizeof(int64_t));
+  l.slot_count = take(slots, sizeof(int64_t));
+  l.slot_offset = take(slots, sizeof(int64_t));
+  l.order = take(rows, sizeof(int64_t));
+  l.rank = take(rows, sizeof(int32_t));
+  l.runs = take(mul_or_max(chunks, slots), sizeof(int64_t));
+  l.means = take(means ? mul_or_max(slots, (size_t)p->cols) : 0,
+                 mcmi_acc_size(p->dtype));
   const Split sp = split_plan(p);
   const size_t split_rows = sp.splits > 1 ? rows : 0;
-  l.parts = take(split_rows * (size_t)sp.splits * 2 * sizeof(Partial<double>));
-  l.kl_parts = take(split_rows * (size_t)sp.splits * sizeof(KLPart<double>));
-  l.results = take(split_rows * sizeof(RowResult<double>));
-  l.total = at;
+  const size_t split_parts = mul_or_max(split_rows, (size_t)sp.splits);
+  l.parts = take(mul_or_max(split_parts, 2), sizeof(Partial<double>));
+  l.kl_parts = take(split_parts, sizeof(KLPart<double>));
+  l.results = take(split_rows, sizeof(RowResult<double>));
+  l.total = ok ? at : 0;
   return l;
 }
 
 Slots slots_in(const Layout &l, char *ws) {
-  return Slots{(int64_t *)(ws + l.slot_of),    (int64_t *)(ws + l.slot_class),
+  return Slots{(int64_t *)(ws + l.slot_of), (int64_t *)(ws + l.slot_class),
                (int64_t *)(ws + l.slot_count), (int64_t *)(ws + l.slot_offset),
-               (int64_t *)(ws + l.cursor),     (int64_t *)(ws + l.used)};
+               (int64_t *)(ws + l.used)};
 }
 
 unsigned blocks_for(int64_t n) {
@@ -1117,7 +1168,17 @@ void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
       <<<row_blocks, kThreads, 0, s>>>(p, log_probs, row_m, row_norm);
   count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
   assign_slots<<<1, kThreads, 0, s>>>(counts, p.classes, sl);
-  order_rows<<<1, kThreads, 0, s>>>(p, sl, (int64_t *)(ws + l.order));
+  const int64_t chunks = (p.rows + kThreads - 1) / kThreads;
+  const RunTable tab{(int64_t *)(ws + l.runs), max_slots(&p)};
+  int32_t *rank = (int32_t *)(ws + l.rank);
+  if (cudaMemsetAsync(tab.at, 0, (size_t)(chunks * tab.slots) * sizeof(int64_t),
+                      s) != cudaSuccess) {
+    return; /* launch_status reports it */
+  }
+  chunk_rows<<<(unsigned)chunks, kThreads, 0, s>>>(p, sl.slot_of, rank, tab);
+  chunk_offsets<<<blocks_for(tab.slots), kThreads, 0, s>>>(sl, tab, chunks);
+  place_rows<<<(unsigned)chunks, kThreads, 0, s>>>(p, sl.slot_of, rank, tab,
+                                                   (int64_t *)(ws + l.order));
   const dim3 grid(slot_blocks(p),
                   grid_y_for((p.cols + kSumCols - 1) / kSumCols));
   slot_sums<T><<<grid, kThreads, 0, s>>>(
@@ -1275,6 +1336,7 @@ mcmi_status mcmi_cuda_loss(const mcmi_problem *p, void *loss,
                            int64_t loss_stride, void *grad, int64_t grad_stride,
                            void *workspace, void *stream) {
   if (!mcmi_loss_problem_ok(p) || workspace == nullptr ||
+      make_layout(p, p->centroids == nullptr).total == 0 ||
       (loss == nullptr &&
        !(p->reduction == MCMI_REDUCTION_NONE && p->rows == 0))) {
     return MCMI_ERROR_ARGUMENT;
@@ -1296,7 +1358,7 @@ mcmi_status mcmi_cuda_class_sums(const mcmi_problem *p, int log_probs,
                                  int64_t *counts, void *workspace,
                                  void *stream) {
   if (!mcmi_problem_ok(p) || sums == nullptr || counts == nullptr ||
-      workspace == nullptr) {
+      workspace == nullptr || make_layout(p, false).total == 0) {
     return MCMI_ERROR_ARGUMENT;
   }
   if (!no_pending_error()) {
@@ -1315,7 +1377,8 @@ mcmi_status mcmi_cuda_ema_update(const mcmi_problem *p, double momentum,
                                  void *centroids, int64_t centroids_stride,
                                  uint8_t *seen, void *workspace, void *stream) {
   if (!mcmi_problem_ok(p) || centroids == nullptr || seen == nullptr ||
-      workspace == nullptr || !mcmi_momentum_ok(momentum)) {
+      workspace == nullptr || !mcmi_momentum_ok(momentum) ||
+      make_layout(p, true).total == 0) {
     return MCMI_ERROR_ARGUMENT;
   }
   if (!no_pending_error()) {

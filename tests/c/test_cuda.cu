@@ -593,6 +593,15 @@ static void check_workspace(void) {
   CHECK(bytes > 4 * 40000 * sizeof(float) &&
             bytes < 4 * 40000 * sizeof(float) + (1u << 20),
         "in-batch loss workspace of %zu bytes for B = 4, K = C = 40000", bytes);
+  /* A byte count that overflows gives no workspace, and the call is
+   * refused before any launch. */
+  p.classes = (int64_t)1 << 61;
+  int dummy = 0;
+  CHECK(mcmi_cuda_loss_workspace(&p) == 0 &&
+            mcmi_cuda_class_sums_workspace(&p) == 0 &&
+            mcmi_cuda_loss(&p, &dummy, 1, NULL, 0, &dummy, NULL) ==
+                MCMI_ERROR_ARGUMENT,
+        "K = 2^61: workspace %zu bytes", mcmi_cuda_loss_workspace(&p));
 }
 
 int main(int argc, char **argv) {
