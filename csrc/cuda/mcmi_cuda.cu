@@ -778,31 +778,65 @@ struct Slots {
   int64_t *used;       /* number of slots */
 };
 
-/* One block, O(classes) work: each thread takes a contiguous range of
- * classes; slots are numbered in class order. */
-__global__ void assign_slots(const int64_t *counts, int64_t classes, Slots sl) {
+/*
+ * Slots numbered in class order, by three kernels that span the device:
+ * class_block_totals counts the classes present and their rows in each
+ * block of kThreads classes; scan_block_totals (one block) turns the counts
+ * into each block's first slot and first position, and the number of slots;
+ * assign_slots numbers the classes present within each block from there.
+ * `totals` holds [blocks] first slots, then [blocks] first positions.
+ */
+__global__ void class_block_totals(const int64_t *counts, int64_t classes,
+                                   int64_t *totals) {
   __shared__ long long part[kThreads];
-  const int64_t t = threadIdx.x;
-  const int64_t lo = classes * t / kThreads, hi = classes * (t + 1) / kThreads;
-  long long present = 0, rows = 0, total = 0;
-  for (int64_t c = lo; c < hi; ++c) {
-    present += counts[c] > 0;
-    rows += counts[c];
+  const int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const long long n = c < classes ? counts[c] : 0;
+  const long long present = block_sum(n > 0 ? 1ll : 0ll, part);
+  const long long rows = block_sum(n, part);
+  if (threadIdx.x == 0) {
+    totals[blockIdx.x] = present;
+    totals[gridDim.x + blockIdx.x] = rows;
   }
-  long long slot = block_exclusive_scan(present, part, &total);
-  long long at = block_exclusive_scan(rows, part, &total);
-  for (int64_t c = lo; c < hi; ++c) {
-    if (counts[c] > 0) {
-      sl.slot_of[c] = slot;
-      sl.slot_class[slot] = c;
-      sl.count[slot] = counts[c];
-      sl.offset[slot] = at;
-      at += counts[c];
-      ++slot;
+}
+
+__global__ void scan_block_totals(int64_t blocks, int64_t *totals,
+                                  int64_t *used) {
+  __shared__ long long part[kThreads];
+  long long slot_carry = 0, row_carry = 0, total = 0;
+  for (int64_t b0 = 0; b0 < blocks; b0 += kThreads) {
+    const int64_t b = b0 + threadIdx.x;
+    const long long present = b < blocks ? totals[b] : 0;
+    const long long rows = b < blocks ? totals[blocks + b] : 0;
+    const long long slot = block_exclusive_scan(present, part, &total);
+    const long long first_slot = slot_carry + slot;
+    slot_carry += total;
+    const long long at = block_exclusive_scan(rows, part, &total);
+    if (b < blocks) {
+      totals[b] = first_slot;
+      totals[blocks + b] = row_carry + at;
     }
+    row_carry += total;
   }
-  if (t == kThreads - 1) {
-    *sl.used = slot;
+  if (threadIdx.x == 0) {
+    *used = slot_carry;
+  }
+}
+
+__global__ void assign_slots(const int64_t *counts, int64_t classes,
+                             const int64_t *totals, Slots sl) {
+  __shared__ long long part[kThreads];
+  const int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const long long n = c < classes ? counts[c] : 0;
+  long long total;
+  const long long slot = totals[blockIdx.x] +
+                         block_exclusive_scan(n > 0 ? 1ll : 0ll, part, &total);
+  const long long at =
+      totals[gridDim.x + blockIdx.x] + block_exclusive_scan(n, part, &total);
+  if (n > 0) {
+    sl.slot_of[c] = slot;
+    sl.slot_class[slot] = c;
+    sl.count[slot] = n;
+    sl.offset[slot] = at;
   }
 }
 
@@ -1014,8 +1048,8 @@ int64_t max_slots(const mcmi_problem *p) {
  * results. */
 struct Layout {
   size_t valid, row_val, row_m, row_norm, counts, slot_of, slot_class,
-      slot_count, slot_offset, used, order, rank, runs, means, parts, kl_parts,
-      results, total;
+      slot_count, slot_offset, used, class_totals, order, rank, runs, means,
+      parts, kl_parts, results, total;
 };
 
 /* The split-row path serves fewer than kSplitMaxRows rows of at least
@@ -1076,6 +1110,8 @@ Layout make_layout(const mcmi_problem *p, bool means) {
   l.slot_class = take(slots, sizeof(int64_t));
   l.slot_count = take(slots, sizeof(int64_t));
   l.slot_offset = take(slots, sizeof(int64_t));
+  l.class_totals =
+      take(mul_or_max((k + kThreads - 1) / kThreads, 2), sizeof(int64_t));
   l.order = take(rows, sizeof(int64_t));
   l.rank = take(rows, sizeof(int32_t));
   l.runs = take(mul_or_max(chunks, slots), sizeof(int64_t));
@@ -1167,7 +1203,12 @@ void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
   row_stats<T, GROUP>
       <<<row_blocks, kThreads, 0, s>>>(p, log_probs, row_m, row_norm);
   count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
-  assign_slots<<<1, kThreads, 0, s>>>(counts, p.classes, sl);
+  const unsigned class_blocks = blocks_for(p.classes);
+  int64_t *totals = (int64_t *)(ws + l.class_totals);
+  class_block_totals<<<class_blocks, kThreads, 0, s>>>(counts, p.classes,
+                                                       totals);
+  scan_block_totals<<<1, kThreads, 0, s>>>(class_blocks, totals, sl.used);
+  assign_slots<<<class_blocks, kThreads, 0, s>>>(counts, p.classes, totals, sl);
   const int64_t chunks = (p.rows + kThreads - 1) / kThreads;
   const RunTable tab{(int64_t *)(ws + l.runs), max_slots(&p)};
   int32_t *rank = (int32_t *)(ws + l.rank);
