@@ -283,28 +283,75 @@ __device__ __forceinline__ bool aligned16(const void *x) {
   return ((uintptr_t)x & 15u) == 0;
 }
 
-/* Calls f(z_j, j) for the columns [begin, end) of row z shared among
- * `group` threads of which this is `lane`: in 16-byte vectors when z + begin
- * is 16-byte aligned (then a scalar tail), else one column at a time. */
-template <typename T, typename F>
-__device__ __forceinline__ void each_column(const T *z, int64_t begin,
-                                            int64_t end, int lane, int group,
-                                            F &&f) {
+/* Columns [begin, end) of a row of T as a scalar head up to the first
+ * 16-byte boundary of z, `vectors` whole 16-byte vectors from `first`, and a
+ * scalar tail. */
+struct Span {
+  int64_t first, vectors;
+};
+
+template <typename T>
+__device__ __forceinline__ Span vector_span(const T *z, int64_t begin,
+                                            int64_t end) {
   constexpr int V = 16 / sizeof(T);
-  int64_t tail = begin;
-  if (aligned16(z + begin)) {
-    const int64_t nv = (end - begin) / V;
-    const Vec<T> *zv = (const Vec<T> *)(z + begin);
-    for (int64_t k = lane; k < nv; k += group) {
-      const Vec<T> w = zv[k];
-      for (int e = 0; e < V; ++e) {
-        f(load(w.v[e]), begin + k * V + e);
+  const int64_t head =
+      (int64_t)(((16u - ((uintptr_t)(z + begin) & 15u)) & 15u) / sizeof(T));
+  const int64_t first = begin + (head < end - begin ? head : end - begin);
+  return Span{first, (end - first) / V};
+}
+
+/* The centroid entry q[j] as stored, NaN without a centroid row. */
+template <typename A>
+__device__ __forceinline__ A centroid_at(const A *q, int64_t j) {
+  return q ? q[j] : (A)NAN;
+}
+
+/* q[j0 .. j0 + N) into out: 16-byte vectors where q + j0 is aligned, else
+ * one at a time; NaN without a centroid row. */
+template <typename A, int N>
+__device__ __forceinline__ void centroid_run(const A *q, int64_t j0,
+                                             A (&out)[N]) {
+  constexpr int per = 16 / sizeof(A);
+  static_assert(N % per == 0, "a run is whole vectors of A");
+  if (q && aligned16(q + j0)) {
+    for (int h = 0; h < N / per; ++h) {
+      const Vec<A> w = ((const Vec<A> *)(q + j0))[h];
+      for (int e = 0; e < per; ++e) {
+        out[h * per + e] = w.v[e];
       }
     }
-    tail = begin + nv * V;
+  } else {
+    for (int e = 0; e < N; ++e) {
+      out[e] = centroid_at(q, j0 + e);
+    }
   }
-  for (int64_t j = tail + lane; j < end; j += group) {
-    f(load(z[j]), j);
+}
+
+/* Calls f(z_j, q_j, j) for the columns [begin, end) of row z (and centroid
+ * row q, which may be NULL) shared among `group` threads of which this is
+ * `lane`: a scalar head, then 16-byte vectors of z (and of q where it is
+ * aligned too), then a scalar tail (vector_span). */
+template <typename T, typename A, typename F>
+__device__ __forceinline__ void each_column(const T *z, const A *q,
+                                            int64_t begin, int64_t end,
+                                            int lane, int group, F &&f) {
+  constexpr int V = 16 / sizeof(T);
+  const Span sp = vector_span(z, begin, end);
+  for (int64_t j = begin + lane; j < sp.first; j += group) {
+    f(load(z[j]), centroid_at(q, j), j);
+  }
+  const Vec<T> *zv = (const Vec<T> *)(z + sp.first);
+  for (int64_t k = lane; k < sp.vectors; k += group) {
+    const Vec<T> w = zv[k];
+    const int64_t j0 = sp.first + k * V;
+    A qv[V];
+    centroid_run(q, j0, qv);
+    for (int e = 0; e < V; ++e) {
+      f(load(w.v[e]), qv[e], j0 + e);
+    }
+  }
+  for (int64_t j = sp.first + sp.vectors * V + lane; j < end; j += group) {
+    f(load(z[j]), centroid_at(q, j), j);
   }
 }
 
@@ -315,12 +362,13 @@ template <typename T, typename A>
 __device__ void accumulate_row(const T *z, const RowSetup<A> &su, int64_t begin,
                                int64_t end, int lane, int group,
                                Partial<A> &main, Partial<A> &at_one) {
-  each_column(z, begin, end, lane, group, [&](A zj, int64_t) {
-    push(main, zj, su.sc);
-    if (su.separate) {
-      push(at_one, zj, unit_scale<A>());
-    }
-  });
+  each_column(z, (const A *)nullptr, begin, end, lane, group,
+              [&](A zj, A, int64_t) {
+                push(main, zj, su.sc);
+                if (su.separate) {
+                  push(at_one, zj, unit_scale<A>());
+                }
+              });
 }
 
 /* The KL pass over columns [begin, end) of row z, given the row's maximum
@@ -330,8 +378,8 @@ __device__ KLPart<A> kl_columns(const T *z, const A *q, const RowSetup<A> &su,
                                 A m, A inv_s, int64_t begin, int64_t end,
                                 int lane, int group) {
   KLPart<A> sum{(A)0, 0.0};
-  each_column(z, begin, end, lane, group, [&](A zj, int64_t j) {
-    const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
+  each_column(z, q, begin, end, lane, group, [&](A zj, A qraw, int64_t) {
+    const A qj = centroid_entry(qraw, su.is_log, su.qfloor);
     const A pj = dexp(scaled(zj - m, su.sc)) * inv_s;
     sum.g += kl_term(pj, qj, log_ratio(pj, qj));
     sum.q += (double)qj;
@@ -374,7 +422,8 @@ row_result(const mcmi_problem &p, const T *z, int64_t y, const RowSetup<A> &su,
 
 /* Writes columns [begin, end) of a valid row's gradient,
  * d(loss)/dz_j = kc P_j (x_j - KL) + kce (P1_j - [j == y]),
- * shared as in each_column (vectors when z and g are both aligned). With
+ * shared as in each_column (vectors where g is aligned with z, else one
+ * column at a time). With
  * s == 1 the softmax is one-hot to working precision: the true KL gradient
  * of the row is below the rounding error of x - KL at the maximum. */
 template <typename T, typename A>
@@ -388,8 +437,8 @@ __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
       (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
   const A kc = r.s == (A)1 ? (A)0 : (A)(p.cmi_weight / (p.temperature * norm));
   const A kce = (A)(p.ce_weight / norm);
-  const auto grad_of = [&](A zj, int64_t j) {
-    const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
+  const auto grad_of = [&](A zj, A qraw, int64_t j) {
+    const A qj = centroid_entry(qraw, su.is_log, su.qfloor);
     const A pj = dexp(scaled(zj - r.m, su.sc)) * r.inv_s;
     const A p1 = su.separate ? dexp((zj - r.m) - r.ls1) : pj;
     A v = kc * pj * (log_ratio(pj, qj) - r.kl) + kce * p1;
@@ -398,23 +447,30 @@ __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
     }
     return store<T>(r.nan_row ? (A)NAN : v);
   };
-  int64_t tail = begin;
-  if (aligned16(z + begin) && aligned16(g + begin)) {
-    const int64_t nv = (end - begin) / V;
-    const Vec<T> *zv = (const Vec<T> *)(z + begin);
-    Vec<T> *gv = (Vec<T> *)(g + begin);
-    for (int64_t k = lane; k < nv; k += group) {
-      const Vec<T> w = zv[k];
-      Vec<T> o;
-      for (int e = 0; e < V; ++e) {
-        o.v[e] = grad_of(load(w.v[e]), begin + k * V + e);
-      }
-      gv[k] = o;
-    }
-    tail = begin + nv * V;
+  const Span sp = vector_span(z, begin, end);
+  const bool vectors = aligned16(g + sp.first);
+  const int64_t head_end = vectors ? sp.first : end;
+  for (int64_t j = begin + lane; j < head_end; j += group) {
+    g[j] = grad_of(load(z[j]), centroid_at(q, j), j);
   }
-  for (int64_t j = tail + lane; j < end; j += group) {
-    g[j] = grad_of(load(z[j]), j);
+  if (!vectors) {
+    return;
+  }
+  const Vec<T> *zv = (const Vec<T> *)(z + sp.first);
+  Vec<T> *gv = (Vec<T> *)(g + sp.first);
+  for (int64_t k = lane; k < sp.vectors; k += group) {
+    const Vec<T> w = zv[k];
+    const int64_t j0 = sp.first + k * V;
+    A qv[V];
+    centroid_run(q, j0, qv);
+    Vec<T> o;
+    for (int e = 0; e < V; ++e) {
+      o.v[e] = grad_of(load(w.v[e]), qv[e], j0 + e);
+    }
+    gv[k] = o;
+  }
+  for (int64_t j = sp.first + sp.vectors * V + lane; j < end; j += group) {
+    g[j] = grad_of(load(z[j]), centroid_at(q, j), j);
   }
 }
 
@@ -1018,16 +1074,31 @@ __global__ void ema_mark_seen(Slots sl, int64_t max_slots, uint8_t *seen) {
   }
 }
 
-/* x[i][j] *= scale[i]; a row_grid launch. */
+/* x[i][j] *= scale[i]; a row_grid launch, in 16-byte vectors between a
+ * scalar head and tail (vector_span). */
 template <typename T>
 __global__ void scale_rows_kernel(T *x, int64_t rows, int64_t cols,
                                   int64_t stride, const T *scale,
                                   int64_t scale_stride) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t lane = (int64_t)blockIdx.x * kThreads + threadIdx.x,
+                group = (int64_t)gridDim.x * kThreads;
   for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
     const auto k = load(scale[i * scale_stride]);
     T *r = x + i * stride;
-    for (int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x; j < cols;
-         j += (int64_t)gridDim.x * kThreads) {
+    const Span sp = vector_span(r, 0, cols);
+    for (int64_t j = lane; j < sp.first; j += group) {
+      r[j] = store<T>(load(r[j]) * k);
+    }
+    Vec<T> *rv = (Vec<T> *)(r + sp.first);
+    for (int64_t v = lane; v < sp.vectors; v += group) {
+      Vec<T> w = rv[v];
+      for (int e = 0; e < V; ++e) {
+        w.v[e] = store<T>(load(w.v[e]) * k);
+      }
+      rv[v] = w;
+    }
+    for (int64_t j = sp.first + sp.vectors * V + lane; j < cols; j += group) {
       r[j] = store<T>(load(r[j]) * k);
     }
   }

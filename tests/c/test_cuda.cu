@@ -581,6 +581,57 @@ static int run_bad_label(const char *what) {
   return 0;
 }
 
+/* Row scaling (the backward's upstream gradient), every dtype, with rows
+ * that start off a 16-byte boundary (the scalar head and tail around the
+ * vectors) and a scalar scale (stride 0): exactly the host's products. */
+static void check_scale_rows(void) {
+  const mcmi_dtype dtypes[] = {MCMI_FLOAT32, MCMI_FLOAT64, MCMI_BFLOAT16,
+                               MCMI_FLOAT16};
+  const int64_t shapes[][3] = {{5, 37, 41}, {3, 1000, 1003}, {1, 7, 7}};
+  for (int t = 0; t < 4; ++t) {
+    for (int sh = 0; sh < 3; ++sh) {
+      for (int64_t scale_stride = 0; scale_stride < 2; ++scale_stride) {
+        const mcmi_dtype d = dtypes[t];
+        const int64_t rows = shapes[sh][0], cols = shapes[sh][1],
+                      stride = shapes[sh][2], n = rows * stride + 1;
+        const size_t es = esize[d];
+        void *x = malloc(es * (size_t)n), *want = malloc(es * (size_t)n),
+             *got = malloc(es * (size_t)n), *sc = malloc(es * (size_t)rows);
+        for (int64_t i = 0; i < n; ++i) {
+          store_any(d, x, i, normal());
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          store_any(d, sc, i, 1.0 + normal());
+        }
+        memcpy(want, x, es * (size_t)n);
+        /* Start one element in: off the boundary for every dtype. */
+        for (int64_t i = 0; i < rows; ++i) {
+          const double k = load_any(d, sc, i * scale_stride);
+          for (int64_t j = 0; j < cols; ++j) {
+            const int64_t at = 1 + i * stride + j;
+            store_any(d, want, at,
+                      d == MCMI_FLOAT64
+                          ? load_any(d, x, at) * k
+                          : (double)((float)load_any(d, x, at) * (float)k));
+          }
+        }
+        void *dx = to_device(x, es * (size_t)n);
+        void *dsc = to_device(sc, es * (size_t)rows);
+        CHECK(mcmi_cuda_scale_rows(d, (char *)dx + es, rows, cols, stride, dsc,
+                                   scale_stride, NULL) == MCMI_OK,
+              "scale_rows status");
+        to_host(got, dx, es * (size_t)n, 1);
+        CHECK(memcmp(got, want, es * (size_t)n) == 0,
+              "scale_rows dtype %d %lldx%lld stride %lld: not the host's "
+              "products",
+              (int)d, (long long)rows, (long long)cols, (long long)stride);
+        cudaFree(dx), cudaFree(dsc);
+        free(x), free(want), free(got), free(sc);
+      }
+    }
+  }
+}
+
 /* In-batch centroids take min(B, K) x C means, not K x C. */
 static void check_workspace(void) {
   mcmi_problem p;
@@ -700,6 +751,7 @@ int main(int argc, char **argv) {
   /* More classes present than slot blocks: blocks loop over slots. */
   check_class_sums_and_ema(2500, 3, 1500, 0, 0);
   check_bad_input();
+  check_scale_rows();
   check_workspace();
   printf("%d passed, %d failed\n", checks - failures, failures);
   printf("digest %016llx\n", (unsigned long long)digest);
