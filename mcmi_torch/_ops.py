@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the kernels and registers the ops)
 from ._args import REDUCTIONS, class_means, compute_dtype
@@ -110,6 +112,17 @@ def _version(tensor: Tensor | None) -> int:
     return 0 if tensor is None or tensor.is_inference() else tensor._version
 
 
+def needs_tangent(logits: Tensor, functorch: bool) -> bool:
+    """True when a loss of ``logits`` must carry a forward-mode tangent: they
+    are a dual tensor (``torch.autograd.forward_ad``) or a ``torch.func.jvp``
+    (``jacfwd``) transform is active (``functorch``: any transform is)."""
+    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(logits).tangent is not None:
+        return True
+    return functorch and any(
+        level.key() == TransformType.Jvp for level in retrieve_all_functorch_interpreters()
+    )
+
+
 def _loss_setup_context(ctx, inputs, output):
     logits, target, centroids, *args = inputs
     _, grad = output
@@ -125,14 +138,17 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.centroids = centroids
     ctx.centroids_version = _version(centroids)
     ctx.save_for_backward(grad, logits, target)
+    ctx.save_for_forward(grad, logits, target)
 
 
 def _batch_class_means(probs, labels, valid, num_classes):
     """In-batch centroids ``[K, C]`` (differentiable: the mean of the rows
-    ``probs`` of each class) and the class counts ``[K]``."""
-    sums = probs.new_zeros(num_classes, probs.shape[1])
-    sums = sums.index_add(0, labels[valid], probs[valid])
-    counts = torch.bincount(labels[valid], minlength=num_classes)
+    ``probs`` of each class) and the class counts ``[K]``, from ``labels``
+    in range (ignored rows relabelled) and the mask ``valid``; no boolean
+    indexing, so ``vmap`` can batch it."""
+    rows = probs * valid.unsqueeze(1).to(probs.dtype)
+    sums = probs.new_zeros(num_classes, probs.shape[1]).index_add(0, labels, rows)
+    counts = labels.new_zeros(num_classes).index_add(0, labels, valid.to(labels.dtype))
     return class_means(sums, counts), counts
 
 
@@ -153,6 +169,47 @@ def _batch_centroid_path(logits, target, weight, args):
     upstream = class_means(-args.cmi_weight * live * ratio_sums, counts)[labels]
     upstream = upstream * valid.unsqueeze(1).to(dtype)
     return probs * (upstream - (probs * upstream).sum(dim=1, keepdim=True)) / temperature
+
+
+def _batch_centroid_tangent(logits, target, tangent, args):
+    """Per-row tangent of ``cmi_weight * KL_i`` through in-batch centroids
+    for the logits tangent ``tangent``: ``-sum_j P_ij dQ_cj / Q_cj`` (0 where
+    ``Q_cj`` is below the floor), which couples the rows of a class (see
+    docs/math.md, "Forward mode"). No data-dependent shapes, so that
+    ``jacfwd`` can batch the tangent."""
+    num_classes, temperature, floor = args.num_classes, args.temperature, args.floor
+    dtype = compute_dtype(logits)
+    probs = torch.softmax(logits.to(dtype) / temperature, dim=1)
+    valid = target != args.ignore_index
+    labels = torch.where(valid, target, torch.zeros_like(target))
+    centroids, counts = _batch_class_means(probs, labels, valid, num_classes)
+    v = tangent.to(dtype)
+    dprobs = probs * (v - (probs * v).sum(dim=1, keepdim=True)) / temperature
+    dprobs = dprobs * valid.unsqueeze(1).to(dtype)
+    dmeans = class_means(torch.zeros_like(centroids).index_add(0, labels, dprobs), counts)
+    live = (centroids >= floor).to(dtype)
+    ratio = (live * dmeans / centroids.clamp_min(floor))[labels]
+    return -args.cmi_weight * (probs * ratio).sum(dim=1) * valid.to(dtype)
+
+
+def _loss_jvp(ctx, logits_tangent, *_unused):
+    """Forward mode: the tangent of the loss for a tangent of the logits,
+    ``sum_j G_ij v_ij`` with ``G`` the kernel's gradient for a unit upstream
+    gradient (per row for ``'none'``), plus, for in-batch centroids and
+    ``'none'``, the path through the class means. Centroids are constants,
+    as in the backward."""
+    if logits_tangent is None:
+        return None, None
+    grad, logits, target = ctx.saved_tensors
+    args = ctx.args
+    if not args.with_grad:
+        grad = _recompute(ctx, logits, target)
+    rows = (grad * logits_tangent.to(grad.dtype)).sum(dim=1)
+    if args.reduction != REDUCTIONS["none"]:
+        return rows.sum(), None
+    if ctx.centroids is None and args.cmi_weight != 0:
+        rows = rows + _batch_centroid_tangent(logits, target, logits_tangent, args).to(rows.dtype)
+    return rows, None
 
 
 def _saved_centroids(ctx, create_graph):
@@ -276,6 +333,7 @@ class _EagerLoss(torch.autograd.Function):
         return output
 
     backward = staticmethod(_loss_backward)
+    jvp = staticmethod(_loss_jvp)
 
 
 # Under autocast, mcmi::loss runs in float32 as F.cross_entropy does (autocast's
@@ -289,14 +347,40 @@ for _device_type in ("cpu", "cuda"):
 
 
 class _FuncLoss(torch.autograd.Function):
-    """``_EagerLoss`` with a separate ``setup_context``, the form that
-    ``torch.func`` transforms (``grad``, ``vjp``) require; slower per call,
-    so used only under them."""
+    """``_EagerLoss`` with a separate ``setup_context`` and a ``vmap`` rule,
+    the form that ``torch.func`` transforms (``grad``, ``vjp``, ``jvp``,
+    ``vmap``) require; slower per call (it also copies the centroids), so
+    used only under them."""
 
     @staticmethod
     def forward(*args):
         with _below_autograd():
             return torch.ops.mcmi.loss.default(*args)
 
-    setup_context = staticmethod(_loss_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _loss_setup_context(ctx, inputs, output)
+        if ctx.centroids is not None:
+            # The transforms wrap the centroids in a tensor with a version
+            # counter of its own, blind to an in-place update of the buffer
+            # after the forward (an 'ema' step): keep the centroids the value
+            # was computed from.
+            ctx.centroids = ctx.centroids.clone()
+            ctx.centroids_version = _version(ctx.centroids)
+
     backward = staticmethod(_loss_backward)
+    jvp = staticmethod(_loss_jvp)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        """Under ``vmap`` (``jacfwd``, per-sample gradients): one call per
+        batch entry of the batched inputs, results stacked along dim 0."""
+        if all(dim is None for dim in in_dims):
+            return _FuncLoss.apply(*args), (None, None)
+        outputs = [
+            _FuncLoss.apply(
+                *(arg if dim is None else arg.select(dim, index) for arg, dim in zip(args, in_dims))
+            )
+            for index in range(info.batch_size)
+        ]
+        return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)

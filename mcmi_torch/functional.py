@@ -107,7 +107,8 @@ def cmi(
         of ``logits``; float32 under ``torch.autocast`` for 16-bit logits, as
         ``F.cross_entropy``. Differentiable with respect to ``logits``, twice
         as well: ``backward(create_graph=True)`` gives a gradient autograd can
-        differentiate again (a gradient penalty, a Hessian-vector product).
+        differentiate again (a gradient penalty, a Hessian-vector product);
+        forward mode (``torch.func.jvp``, ``jacfwd``, dual numbers) too.
     """
     return _cmi_term(logits, target, centroids, 1.0, temperature, ignore_index, reduction)
 
@@ -156,7 +157,12 @@ def loss(
     if num_classes is None:
         has_rows = centroids is not None and centroids.dim() == 2
         num_classes = centroids.shape[0] if has_rows else logits.shape[-1]
-    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    functorch = torch._C._are_functorch_transforms_active()
+    # Forward mode needs the kernel's gradient too (the tangent is its product
+    # with the logits' tangent), whatever the grad mode.
+    with_grad = (torch.is_grad_enabled() and logits.requires_grad) or _ops.needs_tangent(
+        logits, functorch
+    )
     args = (
         logits,
         target,
@@ -172,7 +178,7 @@ def loss(
         with_grad,
     )
     if with_grad and not torch.compiler.is_compiling():
-        if torch._C._are_functorch_transforms_active():
+        if functorch:
             return _ops._FuncLoss.apply(*args)[0]
         return _ops._EagerLoss.apply(*args)[0]
     return torch.ops.mcmi.loss.default(*args)[0]

@@ -1,0 +1,165 @@
+"""torch.func transforms and forward-mode AD: jvp, jacfwd and dual numbers
+against torch's own forward AD of the float64 reference, in every centroid
+mode; grad and vjp of an 'ema' criterion against eager backward."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from conftest import make_criterion, random_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mcmi_torch
+from mcmi_torch import reference
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def reference_module(crit, q_before):
+    """The float64 reference of ``crit`` with the centroids a step reads."""
+    q = None if crit.mode == "batch" else q_before.double()
+
+    def fn(z, target):
+        kw = dict(ignore_index=crit.ignore_index, reduction=crit.reduction)
+        weight = None if crit.weight is None else crit.weight.double()
+        ce = F.cross_entropy(z, target, weight=weight, label_smoothing=crit.label_smoothing, **kw)
+        kl = reference.cmi(z, target, q, temperature=crit.temperature, **kw)
+        return ce - crit.lam * kl
+
+    return fn
+
+
+def dual_tangent(fn, z, v):
+    with fwAD.dual_level():
+        out = fn(fwAD.make_dual(z, v))
+        return fwAD.unpack_dual(out).tangent
+
+
+def forward_modes(fn, z, v, fresh=None):
+    """The tangent of fn at z along v by jvp, by dual numbers, and by jacfwd
+    (the Jacobian contracted with v); ``fresh()`` restores state that a call
+    of ``fn`` changes (an EMA update) before each."""
+    tangents = {}
+    for name in ("jvp", "dual", "jacfwd"):
+        if fresh is not None:
+            fresh()
+        if name == "jvp":
+            tangents[name] = torch.func.jvp(fn, (z,), (v,))[1]
+        elif name == "dual":
+            tangents[name] = dual_tangent(fn, z, v)
+        else:
+            jacobian = torch.func.jacfwd(fn)(z)
+            tangents[name] = (jacobian * v).flatten(start_dim=jacobian.dim() - 2).sum(-1)
+    return tangents
+
+
+def check_tangents(ours, want, z, v, fresh=None):
+    expected = torch.func.jvp(want, (z,), (v,))[1]
+    assert expected.abs().max() > 1e-4  # not a vanishing derivative
+    for name, got in forward_modes(ours, z, v, fresh).items():
+        assert got is not None, name
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_module_forward_mode_matches_the_reference(centroid_mode, reduction, smoothing):
+    """jvp, dual numbers and jacfwd of MCMILoss, with and without label
+    smoothing and class weights (the CE term then comes from F.cross_entropy),
+    equal the reference's forward AD; an 'ema' step uses the centroids from
+    before its update."""
+    logits, target, q = random_problem(12, 5, dtype=torch.float64, scale=2.0, ignore=0.2)
+    weight = torch.rand(5, dtype=torch.float64) + 0.5 if smoothing else None
+    kw = dict(temperature=1.5, reduction=reduction, label_smoothing=smoothing, weight=weight)
+    crit = make_criterion(centroid_mode, q, **kw)
+    crit.guard = None
+    if centroid_mode == "ema":
+        crit.double()
+        crit(torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 5, (30,)))
+    state = {key: value.clone() for key, value in crit.state_dict().items()}
+    want = reference_module(crit, crit.centroids.clone() if centroid_mode != "batch" else None)
+    check_tangents(
+        lambda z: crit(z, target),
+        lambda z: want(z, target),
+        logits,
+        torch.randn_like(logits),
+        fresh=lambda: crit.load_state_dict(state),
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 6),
+    temperature=st.sampled_from([0.3, 1.0, 4.0]),
+    ignore=st.sampled_from([0.0, 0.4, 1.0]),
+    batch=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_random_forward_mode_of_cmi(rows, cols, temperature, ignore, batch, reduction, seed):
+    """Random shapes (one row, one column, every row ignored, classes with
+    one member) for cmi and mcmi: with in-batch centroids and 'none', the
+    class means couple the rows."""
+    logits, target, q = random_problem(rows, cols, dtype=torch.float64, ignore=ignore, seed=seed)
+    q = None if batch else q
+    v = torch.randn(rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    kw = dict(temperature=temperature, reduction=reduction)
+    for ours, want in [(mcmi_torch.cmi, reference.cmi), (mcmi_torch.mcmi, reference.mcmi)]:
+        expected = torch.func.jvp(lambda z, f=want: f(z, target, q, **kw), (logits,), (v,))[1]
+        for name, got in forward_modes(lambda z, f=ours: f(z, target, q, **kw), logits, v).items():
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_forward_mode_in_float32_and_under_no_grad():
+    """Dual numbers need no grad mode; a float32 tangent is close to float64's;
+    a tangent that also requires grad gives both a tangent and a gradient."""
+    logits, target, q = random_problem(20, 7, scale=2.0)
+    v = torch.randn_like(logits)
+    want = torch.func.jvp(lambda z: reference.cmi(z, target, None), (logits.double(),),
+                          (v.double(),))[1]  # fmt: skip
+    with torch.no_grad():
+        got = dual_tangent(lambda z: mcmi_torch.cmi(z, target), logits, v)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    z = logits.clone().requires_grad_(True)
+    with fwAD.dual_level():
+        out = mcmi_torch.cmi(fwAD.make_dual(z, v), target, q)
+        tangent = fwAD.unpack_dual(out).tangent
+    out.backward()
+    torch.testing.assert_close(tangent, (z.grad * v).sum(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("transform", ["grad", "vjp"])
+def test_ema_under_torch_func_uses_the_centroids_of_its_value(reduction, transform):
+    """grad / vjp of an 'ema' criterion differentiate the value they return
+    (the centroids before this step's update), as eager backward does."""
+    logits, target, _ = random_problem(16, 4, ignore=0.0)
+    crit = mcmi_torch.MCMILoss(0.5, "ema", num_classes=4, reduction=reduction)
+    crit(3 * torch.randn(16, 4), target)  # centroids away from uniform
+    eager = mcmi_torch.MCMILoss(0.5, "ema", num_classes=4, reduction=reduction)
+    eager.load_state_dict(crit.state_dict())
+    weight = torch.rand(16) if reduction == "none" else torch.tensor(1.0)
+    z = logits.clone().requires_grad_(True)
+    eager(z, target).backward(weight)
+    fn = lambda x: crit(x, target)  # noqa: E731
+    if transform == "grad":
+        got = torch.func.grad(lambda x: (fn(x) * weight).sum())(logits)
+    else:
+        got = torch.func.vjp(fn, logits)[1](weight)[0]
+    assert z.grad.abs().max() > 1e-2
+    torch.testing.assert_close(got, z.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(crit.centroids, eager.centroids)  # both updated once more
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_per_sample_gradients_with_vmap(batch):
+    """vmap(grad(cmi)) over a stack of problems: each problem's gradient."""
+    logits, target, q = random_problem(15, 4, dtype=torch.float64, scale=2.0)
+    z, y, q = logits.view(3, 5, 4), target.view(3, 5), None if batch else q
+    got = torch.func.vmap(torch.func.grad(lambda a, b: mcmi_torch.cmi(a, b, q)))(z, y)
+    for i in range(3):
+        want = torch.func.grad(lambda a, b=y[i]: reference.cmi(a, b, q))(z[i])
+        torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
