@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._args import class_means, compute_dtype
 from ._C import CENTROID_SUM_TOLERANCE
+from ._ops import is_vmapped
 from .distributed import all_reduce_sum, is_distributed
 from .functional import class_sums
 
@@ -189,6 +190,12 @@ class EmaCentroids(CentroidMode):
                 "MCMILoss: the 'ema' buffers are inference tensors (the criterion was created "
                 "or loaded under torch.inference_mode()), which cannot be updated outside "
                 "inference mode; create or load the criterion outside torch.inference_mode()"
+            )
+        if torch.is_grad_enabled() and is_vmapped(logits):
+            raise RuntimeError(
+                "MCMILoss(centroids='ema') cannot update its buffer inside torch.func.vmap "
+                "(one buffer, a batch of problems); call it outside vmap, or under "
+                "torch.no_grad() to use the buffer without an update"
             )
         if logits.dim() >= 2 and logits.shape[1] != criterion.num_classes:
             raise ValueError(

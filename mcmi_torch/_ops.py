@@ -112,6 +112,17 @@ def _version(tensor: Tensor | None) -> int:
     return 0 if tensor is None or tensor.is_inference() else tensor._version
 
 
+def is_vmapped(tensor: Tensor) -> bool:
+    """True for a tensor batched by ``torch.func.vmap`` at any level (a
+    ``jacfwd`` batches the tangents only, not the logits)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
 def needs_tangent(logits: Tensor, functorch: bool) -> bool:
     """True when a loss of ``logits`` must carry a forward-mode tangent: they
     are a dual tensor (``torch.autograd.forward_ad``) or a ``torch.func.jvp``

@@ -68,8 +68,8 @@ class MCMILoss(nn.Module):
         guard: a :class:`~mcmi_torch.guard.CollapseGuard`, fed the training
             calls made with ``lam > 0``: it warns once if the training-batch
             accuracy falls towards chance, as it does when ``lam`` is too large
-            (docs/math.md, "Collapse"); one device sync every 20 such calls.
-            Set it to ``None`` to turn it off.
+            (docs/math.md, "Collapse"), without a device sync. Set it to
+            ``None`` to turn it off.
 
     Centroid state: ``load_state_dict`` validates loaded centroids as the
     constructor does (fixed ones are renormalized); fixed centroids modified

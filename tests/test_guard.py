@@ -82,6 +82,82 @@ def test_guard_checks_only_every_nth_batch_and_skips_ignored_rows():
         CollapseGuard(every=0)
 
 
+@pytest.mark.parametrize(
+    ("every", "error"), [(1.7, TypeError), ("3", TypeError), (True, TypeError), (0, ValueError)]
+)
+def test_guard_every_must_be_a_positive_int(every, error):
+    with pytest.raises(error, match="every must be"):
+        CollapseGuard(every=every)
+
+
+class LateCounts:
+    """A device's counts: on the host from the second poll on."""
+
+    def __init__(self, counts):
+        self.host, self.polls = counts, 0
+
+    def ready(self):
+        self.polls += 1
+        return self.polls > 1
+
+
+def test_guard_reads_device_counts_when_they_arrive(monkeypatch):
+    """On a device the counts of a check are read by a later call, once their
+    copy has arrived; the warning quotes the lam of the batch it is about."""
+    monkeypatch.setattr(mcmi_torch.guard, "_HostCounts", LateCounts)
+    right, target = torch.eye(4).repeat(8, 1), torch.arange(4).repeat(8)
+    wrong = right.roll(1, dims=1)
+    guard = CollapseGuard(every=1)
+    guard.observe(right, target, -100, 1.0)
+    assert guard.last is None  # not on the host yet
+    guard.observe(right, target, -100, 1.0)
+    guard.observe(right, target, -100, 1.0)
+    assert guard.best == 1.0 and guard.armed
+    guard.observe(wrong, target, -100, 2.0)
+    assert not guard.fired  # its counts are still on their way
+    with pytest.warns(mcmi_torch.CollapseWarning, match="lam=2"):
+        guard.observe(wrong, target, -100, 3.0)
+    assert guard.fired and not guard._pending
+
+
+def test_guard_on_meta_tensors_and_under_vmap():
+    """Batches without values to read (meta tensors, torch.func transforms)
+    are counted, not checked, and the criterion works with its guard on."""
+    crit = mcmi_torch.MCMILoss(0.3, "batch")
+    logits = torch.randn(6, 4, device="meta", requires_grad=True)
+    crit(logits, torch.zeros(6, dtype=torch.int64, device="meta")).backward()
+    assert logits.grad.shape == (6, 4) and crit.guard.calls == 1 and crit.guard.last is None
+    z, y = torch.randn(3, 6, 4, dtype=torch.float64), torch.randint(0, 4, (3, 6))
+    got = torch.func.vmap(crit)(z, y)
+    want = [mcmi_torch.reference.mcmi_loss(z[i], y[i], 0.3) for i in range(3)]
+    torch.testing.assert_close(got, torch.stack(want))
+    assert crit.guard.calls == 2 and crit.guard.last is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_guard_does_not_sync_on_cuda():
+    """A fine-tune step on CUDA with the guard checking every batch: no device
+    sync (torch raises on one in sync debug mode 'error'), and the warning
+    comes once the counts have arrived."""
+    crit = mcmi_torch.MCMILoss(2.0, torch.full((4, 4), 0.25)).cuda()
+    crit.guard = CollapseGuard(every=1)
+    right, target = torch.eye(4, device="cuda"), torch.arange(4, device="cuda")
+    crit(right, target)  # the first call validates the fixed centroids (one sync)
+    torch.cuda.synchronize()
+    wrong = right.roll(1, dims=1).requires_grad_(True)
+    right.requires_grad_(True)
+    with pytest.warns(mcmi_torch.CollapseWarning):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for z in (right, right, right, wrong, wrong, wrong):
+                crit(z, target).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        crit(wrong, target)  # reads what has arrived
+    assert crit.guard.fired
+
+
 def test_guard_stays_silent_for_a_model_that_never_left_chance():
     """Random labels: the batch accuracy wanders around chance and its best is
     chance plus noise; no drop from there is a collapse."""
