@@ -30,13 +30,17 @@ def check_centroids(centroids: Tensor) -> Tensor:
         )
     if centroids.dim() != 2:
         raise ValueError(f"centroids must be 2-D [num_classes, classes], got {centroids.dim()}-D")
+    if centroids.numel() == 0:
+        raise ValueError(
+            f"centroids must have at least one row and one column, got {list(centroids.shape)}"
+        )
     given = centroids.detach()
     if not torch.isfinite(given).all():
         raise ValueError("centroids hold NaN or infinite entries")
     if (given < 0).any():
         raise ValueError("centroids hold negative entries; rows must be probability vectors")
     row_sums = given.sum(dim=1, dtype=torch.float64)
-    worst = (row_sums - 1).abs().max().item() if given.shape[0] else 0.0
+    worst = (row_sums - 1).abs().max().item()
     if worst > CENTROID_SUM_TOLERANCE:
         raise ValueError(
             f"centroids rows must sum to 1 (worst row is off by {worst:.3g}); "

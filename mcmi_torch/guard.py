@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._args import CENTROID_FLOOR, check_int
+from ._modes import check_centroids
 
 
 class CollapseWarning(UserWarning):
@@ -42,12 +43,15 @@ def suggest_lambda(centroids: Tensor) -> float:
 
     Args:
         centroids: ``[K, K]`` class centroids (rows are probability vectors,
-            row ``c`` of class ``c``), e.g. from ``estimate_centroids``.
+            row ``c`` of class ``c``), e.g. from ``estimate_centroids``;
+            validated as ``MCMILoss`` validates them (finite, non-negative,
+            rows summing to 1 within 1e-3; then renormalized).
 
     Returns:
         The bound as a float (``inf`` when every row is uniform).
     """
-    if centroids.dim() != 2 or centroids.shape[0] != centroids.shape[1]:
+    centroids = check_centroids(centroids)
+    if centroids.shape[0] != centroids.shape[1]:
         raise ValueError(
             f"centroids must be square [num_classes, num_classes], got {tuple(centroids.shape)}"
         )

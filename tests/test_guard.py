@@ -205,3 +205,25 @@ def test_suggest_lambda_is_the_bound_and_leaving_the_label_does_not_pay_below_it
     assert mcmi_torch.suggest_lambda(torch.full((3, 3), 1 / 3)) == math.inf
     with pytest.raises(ValueError, match="square"):
         mcmi_torch.suggest_lambda(torch.full((2, 3), 1 / 3))
+
+
+@pytest.mark.parametrize(
+    ("centroids", "error", "message"),
+    [
+        (torch.tensor([[math.nan, 1.0], [0.5, 0.5]]), ValueError, "NaN or infinite"),
+        (torch.tensor([[math.inf, 0.0], [0.5, 0.5]]), ValueError, "NaN or infinite"),
+        (torch.zeros(2, 2), ValueError, "rows must sum to 1"),
+        (torch.tensor([[0.3, 0.3], [0.5, 0.5]]), ValueError, "rows must sum to 1"),
+        (torch.tensor([[-0.1, 1.1], [0.5, 0.5]]), ValueError, "negative entries"),
+        (torch.empty(0, 0), ValueError, "at least one row and one column"),
+        (torch.ones(1, 1, dtype=torch.int64), TypeError, "floating-point tensor"),
+        ([[1.0]], TypeError, "floating-point tensor"),
+        (torch.full((3,), 1 / 3), ValueError, "2-D"),
+    ],
+)
+def test_suggest_lambda_validates_centroids_as_the_criterion_does(centroids, error, message):
+    with pytest.raises(error, match=message):
+        mcmi_torch.suggest_lambda(centroids)
+    if isinstance(centroids, torch.Tensor) and centroids.dim() == 2:
+        with pytest.raises(error, match=message):
+            mcmi_torch.MCMILoss(0.3, centroids)
