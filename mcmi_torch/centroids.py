@@ -89,6 +89,7 @@ def estimate_centroids(
     *,
     device: torch.device | str | None = None,
     temperature: float = 1.0,
+    ignore_index: int = -100,
     progress: bool = True,
     train_mode: bool = False,
     output: OutputSelector = None,
@@ -114,6 +115,7 @@ def estimate_centroids(
         num_classes: number of classes ``K``.
         device: where to run the model (default: the model's device).
         temperature: softmax temperature.
+        ignore_index: label of samples to leave out (as the losses do).
         progress: show a tqdm progress bar.
         train_mode: run the model in train mode (see above).
         output: for a model that returns more than logits, what picks them:
@@ -138,7 +140,9 @@ def estimate_centroids(
         output=output,
     )
     for logits, targets in outputs:
-        s, c = class_sums(logits, targets, num_classes, temperature=temperature)
+        s, c = class_sums(
+            logits, targets, num_classes, temperature=temperature, ignore_index=ignore_index
+        )
         sums = s.double() if sums is None else sums + s
         counts = c if counts is None else counts + c
     if sums is None:
