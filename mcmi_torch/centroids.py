@@ -48,7 +48,17 @@ def select_logits(out: Any, output: OutputSelector) -> Tensor:
             "models return, output=1 for (feats, logits) as RepDistiller's with is_feat=True) "
             "or a callable on the output"
         )
-    picked = output(out) if callable(output) else out[output]
+    if callable(output):
+        picked = output(out)
+    else:
+        try:
+            picked = out[output]
+        except (IndexError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"output={output!r} cannot pick the logits from the model's "
+                f"{type(out).__name__} ({type(error).__name__}: {error}); pass an index or key "
+                "of the model's output, or a callable on it"
+            ) from None
     if not isinstance(picked, Tensor):
         raise TypeError(
             f"output={output!r} picked a {type(picked).__name__} from the model's "

@@ -271,3 +271,8 @@ def test_tuple_models_with_an_output_selector():
         kind = "dict" if logits_first else "list"
         with pytest.raises(TypeError, match=f"output={wrong} picked a {kind} from the model's"):
             mcmi_torch.estimate_centroids(model, loader, 4, progress=False, output=wrong)
+        for bad in (5, "logits", 1.5):
+            for fn in (mcmi_torch.estimate_centroids, mcmi_torch.metrics.teacher_report):
+                with pytest.raises(ValueError, match=rf"output={bad!r} cannot pick the logits "
+                                   r"from the model's tuple \((Index|Type)Error"):  # fmt: skip
+                    fn(model, loader, 4, progress=False, output=bad)
