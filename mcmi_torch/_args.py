@@ -26,6 +26,20 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 _AUTOCAST_CAST = (torch.float16, torch.bfloat16)
 
 
+#: Why TorchScript cannot take the losses, and what to use instead.
+TORCHSCRIPT_UNSUPPORTED = (
+    "mcmi_torch does not support TorchScript (torch.jit.script, torch.jit.trace): its ops carry "
+    "their autograd formula in Python; use torch.compile, or torch.export for a graph"
+)
+
+
+def refuse_torchscript() -> None:
+    """Raises under ``torch.jit.trace``, which would record the op without
+    its Python autograd formula."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(TORCHSCRIPT_UNSUPPORTED)
+
+
 def compute_dtype(logits: Tensor) -> torch.dtype:
     """Dtype the kernels work in (and centroids must have) for these logits."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -149,6 +149,7 @@ def loss(
     logits and ``[B]`` targets as :func:`flatten_classes` returns them (float32
     under autocast). With ``log_centroids``, ``centroids`` holds
     ``log max(Q, CENTROID_FLOOR)``."""
+    _args.refuse_torchscript()
     logits = _args.autocast_float32(logits)
     code = _args.check_reduction(reduction)
     temperature = _args.check_temperature(temperature, logits)

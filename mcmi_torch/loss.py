@@ -142,6 +142,10 @@ class MCMILoss(nn.Module):
             raise ValueError(f"lam must be finite, got {value}")
         self._lam = value
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: TorchScript is not supported."""
+        raise RuntimeError(_args.TORCHSCRIPT_UNSUPPORTED)
+
     def _apply(self, fn, recurse=True):
         """Module casts keep the centroid state in float32 or float64: a cast to
         16 bits (``.half()``, ``.bfloat16()``, ``.to(torch.float16)``) leaves it

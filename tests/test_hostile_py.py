@@ -422,3 +422,31 @@ def test_compile_dynamic_shapes_without_recompiles(mode):
         if mode == "ema":
             assert torch.equal(eager.centroids, compiled_crit.centroids)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------- TorchScript and torch.export
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 5)
+        self.crit = mcmi_torch.MCMILoss(0.3)
+
+    def forward(self, x, y):
+        return self.crit(self.lin(x), y)
+
+
+def test_torchscript_is_refused_clearly_and_export_works():
+    x, y = torch.randn(8, 4), torch.randint(0, 5, (8,))
+    attempts = {
+        "script a criterion": lambda: torch.jit.script(mcmi_torch.MCMILoss()),
+        "script a model": lambda: torch.jit.script(_Model()),
+        "trace a model": lambda: torch.jit.trace(_Model(), (x, y)),
+        "trace cmi": lambda: torch.jit.trace(lambda z: mcmi_torch.cmi(z, y), (torch.randn(8, 5),)),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(RuntimeError, match=r"does not support TorchScript.*torch\.compile"):
+            attempt()
+            pytest.fail(what)
+    model = _Model()
+    exported = torch.export.export(model, (x, y)).module()
+    torch.testing.assert_close(exported(x, y), model(x, y))
