@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._args import class_means, compute_dtype
 from ._C import CENTROID_SUM_TOLERANCE
-from ._ops import is_vmapped
+from ._ops import unwrapped
 from .distributed import all_reduce_sum, is_distributed
 from .functional import class_sums
 
@@ -195,7 +195,7 @@ class EmaCentroids(CentroidMode):
                 "or loaded under torch.inference_mode()), which cannot be updated outside "
                 "inference mode; create or load the criterion outside torch.inference_mode()"
             )
-        if torch.is_grad_enabled() and is_vmapped(logits):
+        if torch.is_grad_enabled() and unwrapped(logits) is None:
             raise RuntimeError(
                 "MCMILoss(centroids='ema') cannot update its buffer inside torch.func.vmap "
                 "(one buffer, a batch of problems); call it outside vmap, or under "

@@ -112,15 +112,16 @@ def _version(tensor: Tensor | None) -> int:
     return 0 if tensor is None or tensor.is_inference() else tensor._version
 
 
-def is_vmapped(tensor: Tensor) -> bool:
-    """True for a tensor batched by ``torch.func.vmap`` at any level (a
-    ``jacfwd`` batches the tangents only, not the logits)."""
+def unwrapped(tensor: Tensor) -> Tensor | None:
+    """The plain tensor under the wrappers of ``torch.func`` transforms
+    (``grad``, ``jvp``), or ``None`` for one batched by ``vmap`` at any
+    level (a ``jacfwd`` batches the tangents only, not the logits)."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(tensor):
         if functorch.is_batchedtensor(tensor):
-            return True
+            return None
         tensor = functorch.get_unwrapped(tensor)
-    return False
+    return tensor
 
 
 def needs_tangent(logits: Tensor, functorch: bool) -> bool:

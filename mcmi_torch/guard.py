@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._args import CENTROID_FLOOR, check_int
 from ._modes import check_centroids
+from ._ops import unwrapped
 
 
 class CollapseWarning(UserWarning):
@@ -78,11 +79,11 @@ class _HostCounts:
         return self.event is None or self.event.query()
 
 
-def _observable(logits: Tensor) -> bool:
-    """Whether a batch's accuracy can be kept: not on meta tensors (no
-    values), not inside a torch.func transform (values wrapped in a
-    transform), not during CUDA graph capture (no copy then)."""
-    if logits.is_meta or torch._C._are_functorch_transforms_active():
+def _observable(logits: Tensor | None) -> bool:
+    """Whether a batch's accuracy can be kept: not batched by vmap (None),
+    not on meta tensors (no values), not during CUDA graph capture (no copy
+    then)."""
+    if logits is None or logits.is_meta:
         return False
     return not (logits.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -105,7 +106,7 @@ class CollapseGuard:
     luck). Armed, it issues a :class:`CollapseWarning` when ``a`` falls below
     the midpoint of the best and chance. The calls in between only count.
     Batches it cannot read are counted but not checked: meta tensors, calls
-    inside ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``), under
+    inside ``torch.func.vmap`` (``grad`` and ``jvp`` are fine), under
     ``torch.compile`` and during CUDA graph capture. ``fired`` records whether
     it warned.
 
@@ -128,17 +129,23 @@ class CollapseGuard:
         counts its accuracy (``lam`` is quoted in the warning), and takes in
         the counts of earlier checks that have reached the host."""
         self.calls += 1
-        check = not self.fired and (self.calls - 1) % self.every == 0
-        if check and _observable(logits):
-            valid = target != ignore_index
-            hits = (logits.detach().argmax(dim=1) == target) & valid
-            counts = torch.stack([hits.sum(), valid.sum()])
-            self._pending.append((_HostCounts(counts), logits.shape[1], lam))
+        if not self.fired and (self.calls - 1) % self.every == 0:
+            self._count(logits, target, ignore_index, lam)
         while self._pending and self._pending[0][0].ready():
             counts, classes, lam_then = self._pending.popleft()
             hits, count = counts.host.tolist()
             if not self.fired and count:
                 self._check(hits / count, count, classes, lam_then)
+
+    def _count(self, logits: Tensor, target: Tensor, ignore_index: int, lam: float) -> None:
+        # Inside torch.func.grad / jvp the values are those of the wrapped tensors.
+        logits, target = unwrapped(logits.detach()), unwrapped(target)
+        if not _observable(logits) or target is None:
+            return
+        valid = target != ignore_index
+        hits = (logits.argmax(dim=1) == target) & valid
+        counts = torch.stack([hits.sum(), valid.sum()])
+        self._pending.append((_HostCounts(counts), logits.shape[1], lam))
 
     def _check(self, acc: float, count: int, classes: int, lam: float) -> None:
         if self.last is None:

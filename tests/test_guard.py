@@ -134,6 +134,20 @@ def test_guard_on_meta_tensors_and_under_vmap():
     assert crit.guard.calls == 2 and crit.guard.last is None
 
 
+def test_guard_checks_under_torch_func_grad_and_jvp():
+    """A functional training step (torch.func.grad, jvp) is checked with the
+    values of its batch."""
+    target = torch.arange(4).repeat(8)
+    right = torch.eye(4).repeat(8, 1)
+    crit = mcmi_torch.MCMILoss(0.5, "batch")
+    crit.guard = CollapseGuard(every=1)
+    torch.func.grad(lambda z: crit(z, target))(right)
+    torch.func.jvp(lambda z: crit(z, target), (right,), (torch.ones_like(right),))
+    assert crit.guard.calls == 2 and crit.guard.last == 1.0 and crit.guard.armed
+    with pytest.warns(mcmi_torch.CollapseWarning):
+        torch.func.grad(lambda z: crit(z, target))(right.roll(1, dims=1))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_guard_does_not_sync_on_cuda():
     """A fine-tune step on CUDA with the guard checking every batch: no device
