@@ -195,7 +195,12 @@ class EmaCentroids(CentroidMode):
                 "or loaded under torch.inference_mode()), which cannot be updated outside "
                 "inference mode; create or load the criterion outside torch.inference_mode()"
             )
-        if torch.is_grad_enabled() and unwrapped(logits) is None:
+        vmapped = (
+            torch._C._are_functorch_transforms_active()
+            and not torch.compiler.is_compiling()
+            and unwrapped(logits) is None
+        )
+        if torch.is_grad_enabled() and vmapped:
             raise RuntimeError(
                 "MCMILoss(centroids='ema') cannot update its buffer inside torch.func.vmap "
                 "(one buffer, a batch of problems); call it outside vmap, or under "

@@ -161,9 +161,8 @@ def loss(
     functorch = torch._C._are_functorch_transforms_active()
     # Forward mode needs the kernel's gradient too (the tangent is its product
     # with the logits' tangent), whatever the grad mode.
-    with_grad = (torch.is_grad_enabled() and logits.requires_grad) or _ops.needs_tangent(
-        logits, functorch
-    )
+    tangent = _ops.needs_tangent(logits, functorch)
+    with_grad = (torch.is_grad_enabled() and logits.requires_grad) or tangent
     args = (
         logits,
         target,
@@ -178,7 +177,7 @@ def loss(
         code,
         with_grad,
     )
-    if with_grad and not torch.compiler.is_compiling():
+    if tangent or (with_grad and not torch.compiler.is_compiling()):
         if functorch:
             return _ops._FuncLoss.apply(*args)[0]
         return _ops._EagerLoss.apply(*args)[0]
