@@ -120,7 +120,8 @@ class FixedCentroids(CentroidMode):
     def before_step(self, criterion, logits, target):
         centroids = criterion.centroids
         _check_buffer_device(centroids, logits)
-        if not torch.compiler.is_compiling() and not centroids.is_inference():
+        # Meta tensors hold no values to validate (a model traced on meta).
+        if not (torch.compiler.is_compiling() or centroids.is_inference() or centroids.is_meta):
             self._revalidate(centroids)
         return centroids
 

@@ -120,18 +120,29 @@ def test_guard_reads_device_counts_when_they_arrive(monkeypatch):
     assert guard.fired and not guard._pending
 
 
-def test_guard_on_meta_tensors_and_under_vmap():
-    """Batches without values to read (meta tensors, torch.func transforms)
-    are counted, not checked, and the criterion works with its guard on."""
+@pytest.mark.parametrize("mode", ["fixed", "batch", "ema"])
+def test_criterion_on_meta_tensors(mode):
+    """Meta batches (no values) are counted by the guard, not checked; fixed
+    centroids on meta are not validated (there is nothing to read)."""
+    crit = mcmi_torch.MCMILoss(0.3, torch.full((4, 4), 0.25) if mode == "fixed" else mode,
+                               num_classes=4).to("meta")  # fmt: skip
+    for options in ({}, {"label_smoothing": 0.1}):
+        crit.label_smoothing = options.get("label_smoothing", 0.0)
+        logits = torch.randn(6, 4, device="meta", requires_grad=True)
+        crit(logits, torch.zeros(6, dtype=torch.int64, device="meta")).backward()
+        assert logits.grad.shape == (6, 4) and crit.guard.last is None
+    assert crit.guard.calls == 2
+
+
+def test_guard_under_vmap():
+    """Calls batched by vmap are counted, not checked, and the criterion
+    works with its guard on."""
     crit = mcmi_torch.MCMILoss(0.3, "batch")
-    logits = torch.randn(6, 4, device="meta", requires_grad=True)
-    crit(logits, torch.zeros(6, dtype=torch.int64, device="meta")).backward()
-    assert logits.grad.shape == (6, 4) and crit.guard.calls == 1 and crit.guard.last is None
     z, y = torch.randn(3, 6, 4, dtype=torch.float64), torch.randint(0, 4, (3, 6))
     got = torch.func.vmap(crit)(z, y)
     want = [mcmi_torch.reference.mcmi_loss(z[i], y[i], 0.3) for i in range(3)]
     torch.testing.assert_close(got, torch.stack(want))
-    assert crit.guard.calls == 2 and crit.guard.last is None
+    assert crit.guard.calls == 1 and crit.guard.last is None
 
 
 def test_guard_checks_under_torch_func_grad_and_jvp():
