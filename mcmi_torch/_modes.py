@@ -213,6 +213,11 @@ class EmaCentroids(CentroidMode):
                 f"{logits.shape[1]} classes: 'ema' centroids are [num_classes, num_classes], "
                 "so num_classes must be the number of logits columns"
             )
+        if torch._C._are_functorch_transforms_active() and torch.is_grad_enabled():
+            # The transforms wrap the buffer in a tensor whose version counter
+            # does not see this step's in-place update, so the backward could
+            # not tell the centroids had changed: give it a copy.
+            return centroids.clone()
         return centroids
 
     def after_step(self, criterion, logits, target, value):

@@ -361,25 +361,14 @@ for _device_type in ("cpu", "cuda"):
 class _FuncLoss(torch.autograd.Function):
     """``_EagerLoss`` with a separate ``setup_context`` and a ``vmap`` rule,
     the form that ``torch.func`` transforms (``grad``, ``vjp``, ``jvp``,
-    ``vmap``) require; slower per call (it also copies the centroids), so
-    used only under them."""
+    ``vmap``) require; slower per call, so used only under them."""
 
     @staticmethod
     def forward(*args):
         with _below_autograd():
             return torch.ops.mcmi.loss.default(*args)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _loss_setup_context(ctx, inputs, output)
-        if ctx.centroids is not None:
-            # The transforms wrap the centroids in a tensor with a version
-            # counter of its own, blind to an in-place update of the buffer
-            # after the forward (an 'ema' step): keep the centroids the value
-            # was computed from.
-            ctx.centroids = ctx.centroids.clone()
-            ctx.centroids_version = _version(ctx.centroids)
-
+    setup_context = staticmethod(_loss_setup_context)
     backward = staticmethod(_loss_backward)
     jvp = staticmethod(_loss_jvp)
 
