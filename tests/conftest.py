@@ -3,6 +3,7 @@ device and centroid-mode fixtures."""
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import mcmi_torch
 
@@ -12,6 +13,18 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 CENTROID_MODES = ["fixed", "batch", "ema"]
+
+#: Hypothesis strategies of a small float64 problem for random_problem:
+#: one row, one column, every row ignored, either centroid source.
+SMALL_PROBLEMS = dict(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 6),
+    temperature=st.sampled_from([0.3, 1.0, 4.0]),
+    ignore=st.sampled_from([0.0, 0.5, 1.0]),
+    batch=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
 
 # Relative error bounds against a float64 reference, measured against the
 # largest entry (assert_close_rel): losses with their CE term, gradients, sums.

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import make_criterion, random_problem
+from conftest import SMALL_PROBLEMS, make_criterion, random_problem
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import mcmi_torch
 from mcmi_torch import CENTROID_FLOOR, reference
@@ -89,15 +88,7 @@ def test_module_forward_mode_matches_the_reference(centroid_mode, reduction, smo
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    rows=st.integers(1, 9),
-    cols=st.integers(1, 6),
-    temperature=st.sampled_from([0.3, 1.0, 4.0]),
-    ignore=st.sampled_from([0.0, 0.4, 1.0]),
-    batch=st.booleans(),
-    reduction=st.sampled_from(REDUCTIONS),
-    seed=st.integers(0, 2**16),
-)
+@given(**SMALL_PROBLEMS)
 def test_random_forward_mode_of_cmi(rows, cols, temperature, ignore, batch, reduction, seed):
     """Random shapes (one row, one column, every row ignored, classes with
     one member) for cmi and mcmi: with in-batch centroids and 'none', the

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_criterion, random_problem
+from conftest import SMALL_PROBLEMS, make_criterion, random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
@@ -62,15 +62,7 @@ def test_hessian_vector_product_matches_reference(centroid_mode, reduction):
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    rows=st.integers(1, 9),
-    cols=st.integers(1, 6),
-    temperature=st.sampled_from([0.3, 1.0, 4.0]),
-    ignore=st.sampled_from([0.0, 0.5, 1.0]),
-    batch=st.booleans(),
-    reduction=st.sampled_from(REDUCTIONS),
-    seed=st.integers(0, 2**16),
-)
+@given(**SMALL_PROBLEMS)
 def test_random_hessian_vector_products(rows, cols, temperature, ignore, batch, reduction, seed):
     """Random shapes, including one column, one row and batches with every
     row ignored, against autograd through the reference."""
