@@ -192,3 +192,21 @@ def test_forward_mode_under_torch_compile():
     except torch._dynamo.exc.Unsupported:
         return
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("batch", [False, True])
+def test_hessian_forward_over_reverse(batch, reduction):
+    """torch.func.hessian (jacfwd of jacrev) and jvp of grad: forward mode
+    through the differentiable backward."""
+    logits, target, q = random_problem(5, 4, dtype=torch.float64, scale=2.0)
+    q = None if batch else q
+    ours = lambda z: mcmi_torch.cmi(z, target, q, reduction=reduction).sum()  # noqa: E731
+    want = lambda z: reference.cmi(z, target, q, reduction=reduction).sum()  # noqa: E731
+    hessian = torch.func.hessian(want)(logits)
+    assert hessian.abs().max() > 1e-3
+    torch.testing.assert_close(torch.func.hessian(ours)(logits), hessian, rtol=1e-9, atol=1e-12)
+    v = torch.randn_like(logits)
+    hvp = torch.func.jvp(torch.func.grad(ours), (logits,), (v,))[1]
+    torch.testing.assert_close(hvp, torch.func.jvp(torch.func.grad(want), (logits,), (v,))[1],
+                               rtol=1e-9, atol=1e-12)  # fmt: skip
