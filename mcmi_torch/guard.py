@@ -124,6 +124,12 @@ class CollapseGuard:
         self.fired = False
         self._pending: deque[tuple[_HostCounts, int, float]] = deque()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles (``copy.deepcopy``, ``torch.save`` of a
+        criterion) leave out the checks still in flight: a device event
+        cannot be copied."""
+        return {**self.__dict__, "_pending": deque()}
+
     def observe(self, logits: Tensor, target: Tensor, ignore_index: int, lam: float) -> None:
         """Counts a batch; on the first and every ``every``-th one after it,
         counts its accuracy (``lam`` is quoted in the warning), and takes in

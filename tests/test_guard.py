@@ -1,6 +1,9 @@
 """The collapse guard of MCMILoss and suggest_lambda."""
 
+import copy
 import math
+import pickle
+import threading
 import warnings
 
 import pytest
@@ -118,6 +121,18 @@ def test_guard_reads_device_counts_when_they_arrive(monkeypatch):
     with pytest.warns(mcmi_torch.CollapseWarning, match="lam=2"):
         guard.observe(wrong, target, -100, 3.0)
     assert guard.fired and not guard._pending
+
+
+def test_guard_copies_without_the_checks_in_flight(monkeypatch):
+    """deepcopy and pickle of a criterion whose guard waits for device counts
+    (an event cannot be copied) keep its state and drop what is in flight."""
+    monkeypatch.setattr(mcmi_torch.guard, "_HostCounts", LateCounts)
+    crit = mcmi_torch.MCMILoss(0.3, "batch")
+    crit.guard.observe(torch.eye(4), torch.arange(4), -100, 0.3)
+    crit.guard._pending[0][0].event = threading.Lock()  # not copyable, as an event
+    for copied in (copy.deepcopy(crit), pickle.loads(pickle.dumps(crit))):
+        assert copied.guard.calls == 1 and not copied.guard._pending
+    assert len(crit.guard._pending) == 1
 
 
 @pytest.mark.parametrize("mode", ["fixed", "batch", "ema"])
