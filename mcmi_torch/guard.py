@@ -72,8 +72,10 @@ class _HostCounts:
         else:
             self.host = torch.empty_like(counts, device="cpu", pin_memory=True)
             self.host.copy_(counts, non_blocking=True)
+            # After the copy, on the stream it runs on (that of the counts'
+            # device, which need not be the current device).
             self.event = torch.Event(device=counts.device)
-            self.event.record()
+            self.event.record(torch.accelerator.current_stream(counts.device))
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
