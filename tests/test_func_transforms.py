@@ -159,6 +159,25 @@ def test_per_sample_gradients_with_vmap(batch):
         torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
 
 
+def test_ema_update_under_forward_mode_is_the_eager_one():
+    """A step under jvp, dual numbers or jacfwd updates the 'ema' buffers
+    once, exactly as an eager step does."""
+    logits, target, _ = random_problem(16, 4, ignore=0.0)
+    v = torch.randn_like(logits)
+    eager = mcmi_torch.MCMILoss(0.5, "ema", num_classes=4)
+    eager(logits.clone().requires_grad_(True), target)
+    steps = {
+        "jvp": lambda crit: torch.func.jvp(lambda z: crit(z, target), (logits,), (v,)),
+        "dual": lambda crit: dual_tangent(lambda z: crit(z, target), logits, v),
+        "jacfwd": lambda crit: torch.func.jacfwd(lambda z: crit(z, target))(logits),
+    }
+    for name, step in steps.items():
+        crit = mcmi_torch.MCMILoss(0.5, "ema", num_classes=4)
+        step(crit)
+        assert torch.equal(crit.centroids, eager.centroids), name
+        assert torch.equal(crit.seen, eager.seen), name
+
+
 def test_ema_update_inside_vmap_is_refused_clearly():
     """One buffer cannot take a batch of updates; without one (no_grad) the
     buffer is only read."""
