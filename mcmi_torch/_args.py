@@ -12,6 +12,7 @@ import operator
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 #: ``reduction`` string -> the integer code the ops take.
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -54,15 +55,27 @@ def autocast_float32(logits: Tensor) -> Tensor:
     return logits
 
 
+def has_tangent(tensor: Tensor) -> bool:
+    """True for a dual tensor of forward-mode AD (``torch.autograd.forward_ad``)."""
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(tensor).tangent is not None
+
+
 def prepare_centroids(centroids: Tensor | None, logits: Tensor) -> Tensor | None:
-    """Centroids as the kernels take them, in the compute dtype (constants:
-    the ops give them no gradient)."""
+    """Centroids as the kernels take them, in the compute dtype. They are
+    constants: centroids that ask for a gradient or carry a tangent are
+    refused rather than given a zero one."""
     if centroids is None:
         return None
     if not isinstance(centroids, Tensor):
         raise TypeError(f"centroids must be a Tensor or None, got {type(centroids).__name__}")
     if not centroids.is_floating_point():
         raise TypeError(f"centroids must be a floating-point tensor, got {centroids.dtype}")
+    if (torch.is_grad_enabled() and centroids.requires_grad) or has_tangent(centroids):
+        raise ValueError(
+            "centroids are used as constants, so no gradient or tangent flows to them, but "
+            "these require one; pass centroids.detach() (mcmi_torch.reference.cmi "
+            "differentiates through them)"
+        )
     return centroids.to(compute_dtype(logits))
 
 

@@ -22,10 +22,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
-from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the kernels and registers the ops)
-from ._args import REDUCTIONS, class_means, compute_dtype
+from ._args import REDUCTIONS, class_means, compute_dtype, has_tangent
 
 #: Largest ``num_classes`` the ops take (the C++ shim holds the same bound).
 MAX_CLASSES = (1 << 31) - 1
@@ -128,7 +127,7 @@ def needs_tangent(logits: Tensor, functorch: bool) -> bool:
     """True when a loss of ``logits`` must carry a forward-mode tangent: they
     are a dual tensor (``torch.autograd.forward_ad``) or a ``torch.func.jvp``
     (``jacfwd``) transform is active (``functorch``: any transform is)."""
-    if forward_ad._current_level >= 0 and forward_ad.unpack_dual(logits).tangent is not None:
+    if has_tangent(logits):
         return True
     return functorch and any(
         level.key() == TransformType.Jvp for level in retrieve_all_functorch_interpreters()

@@ -91,7 +91,8 @@ def cmi(
             (``[N, d1, ...]`` for ``[N, C, d1, ...]`` logits, 0-D for ``[C]``).
         centroids: ``[K, C]`` class centroids whose rows are probability
             vectors (e.g. from :func:`mcmi_torch.estimate_centroids`), used as
-            constants; or ``None`` for in-batch centroids (the mean softmax of
+            constants (centroids that require grad or carry a forward-mode
+            tangent raise ``ValueError``); or ``None`` for in-batch centroids (the mean softmax of
             each class present in the batch, ``K = C``). Entries are clamped
             from below by :data:`mcmi_torch.CENTROID_FLOOR` before the log.
             Rows that do not sum to 1 (within 1e-3) raise an error.

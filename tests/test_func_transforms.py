@@ -229,3 +229,24 @@ def test_hessian_forward_over_reverse(batch, reduction):
     hvp = torch.func.jvp(torch.func.grad(ours), (logits,), (v,))[1]
     torch.testing.assert_close(hvp, torch.func.jvp(torch.func.grad(want), (logits,), (v,))[1],
                                rtol=1e-9, atol=1e-12)  # fmt: skip
+
+
+def test_differentiating_with_respect_to_given_centroids_raises():
+    """Given centroids are constants: a gradient, Jacobian or tangent with
+    respect to them is refused, not returned as zero."""
+    logits, target, q = random_problem(6, 4, dtype=torch.float64)
+    f = lambda c: mcmi_torch.cmi(logits, target, c)  # noqa: E731
+    attempts = {
+        "grad": lambda: torch.func.grad(f)(q),
+        "jacrev": lambda: torch.func.jacrev(f)(q),
+        "jvp": lambda: torch.func.jvp(f, (q,), (q,)),
+        "jacfwd": lambda: torch.func.jacfwd(f)(q),
+        "dual": lambda: dual_tangent(f, q, q),
+        "eager": lambda: f(q.clone().requires_grad_(True)),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(ValueError, match=r"centroids are used as constants.*detach"):
+            attempt()
+            pytest.fail(name)
+    with torch.no_grad():  # no gradient asked for
+        f(q.clone().requires_grad_(True))
