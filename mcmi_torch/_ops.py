@@ -215,12 +215,13 @@ def _loss_jvp(ctx, logits_tangent, *_unused):
     args = ctx.args
     if not args.with_grad:
         grad = _recompute(ctx, logits, target)
-    rows = (grad * logits_tangent.to(grad.dtype)).sum(dim=1)
+    dtype = compute_dtype(logits)
+    rows = (grad.to(dtype) * logits_tangent.to(dtype)).sum(dim=1)
     if args.reduction != REDUCTIONS["none"]:
-        return rows.sum(), None
+        return rows.sum().to(logits.dtype), None
     if ctx.centroids is None and args.cmi_weight != 0:
-        rows = rows + _batch_centroid_tangent(logits, target, logits_tangent, args).to(rows.dtype)
-    return rows, None
+        rows = rows + _batch_centroid_tangent(logits, target, logits_tangent, args)
+    return rows.to(logits.dtype), None
 
 
 def _saved_centroids(ctx, create_graph):

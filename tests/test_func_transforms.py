@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import SMALL_PROBLEMS, make_criterion, random_problem
+from conftest import RTOL, SMALL_PROBLEMS, assert_close_rel, make_criterion, random_problem
 from hypothesis import given, settings
 
 import mcmi_torch
@@ -123,6 +123,20 @@ def test_forward_mode_in_float32_and_under_no_grad():
         tangent = fwAD.unpack_dual(out).tangent
     out.backward()
     torch.testing.assert_close(tangent, (z.grad * v).sum(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_forward_mode_in_16_bits(dtype, reduction):
+    """16-bit logits: the tangent, summed in float32, within 1e-2 of float64."""
+    logits, target, _ = random_problem(64, 1000, dtype=dtype)
+    v = torch.randn_like(logits)
+    kw = dict(reduction=reduction)
+    got = torch.func.jvp(lambda z: mcmi_torch.cmi(z, target, **kw), (logits,), (v,))[1]
+    want = torch.func.jvp(lambda z: reference.cmi(z, target, **kw), (logits.double(),),
+                          (v.double(),))[1]  # fmt: skip
+    assert got.dtype == dtype
+    assert_close_rel(got, want, RTOL[dtype], "tangent")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
