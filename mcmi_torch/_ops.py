@@ -126,12 +126,20 @@ def unwrapped(tensor: Tensor) -> Tensor | None:
 def needs_tangent(logits: Tensor, functorch: bool) -> bool:
     """True when a loss of ``logits`` must carry a forward-mode tangent: they
     are a dual tensor (``torch.autograd.forward_ad``) or a ``torch.func.jvp``
-    (``jacfwd``) transform is active (``functorch``: any transform is)."""
-    if has_tangent(logits):
-        return True
-    return functorch and any(
-        level.key() == TransformType.Jvp for level in retrieve_all_functorch_interpreters()
-    )
+    (``jacfwd``) transform is active (``functorch``: any transform is).
+    Raises for forward mode over forward mode, whose outer derivative torch
+    drops for an autograd.Function."""
+    if functorch:
+        levels = [level.key() for level in retrieve_all_functorch_interpreters()]
+        if levels.count(TransformType.Jvp) > 1:
+            raise RuntimeError(
+                "mcmi: forward mode over forward mode (jacfwd of jacfwd, a jvp inside a jvp) is "
+                "not supported: torch drops the outer derivative of a custom autograd.Function's "
+                "tangent; use torch.func.hessian (jacfwd of jacrev) or jacrev of jacfwd"
+            )
+        if TransformType.Jvp in levels:
+            return True
+    return has_tangent(logits)
 
 
 def _loss_setup_context(ctx, inputs, output):
@@ -204,19 +212,21 @@ def _batch_centroid_tangent(logits, target, tangent, args):
 
 
 def _loss_jvp(ctx, logits_tangent, *_unused):
-    """Forward mode: the tangent of the loss for a tangent of the logits,
-    ``sum_j G_ij v_ij`` with ``G`` the kernel's gradient for a unit upstream
+    """Forward mode: the tangent of the loss for a tangent ``v`` of the
+    logits, ``sum_j G_ij v_ij`` with ``G`` the gradient for a unit upstream
     gradient (per row for ``'none'``), plus, for in-batch centroids and
-    ``'none'``, the path through the class means. Centroids are constants,
-    as in the backward."""
+    ``'none'``, the path through the class means. Differentiable torch ops
+    (not the kernel's gradient), so that a transform of this tangent
+    (``jacfwd`` or ``jacrev`` of ``jacfwd``) differentiates it again.
+    Centroids are constants, as in the backward."""
     if logits_tangent is None:
         return None, None
-    grad, logits, target = ctx.saved_tensors
+    _, logits, target = ctx.saved_tensors
     args = ctx.args
-    if not args.with_grad:
-        grad = _recompute(ctx, logits, target)
     dtype = compute_dtype(logits)
-    rows = (grad.to(dtype) * logits_tangent.to(dtype)).sum(dim=1)
+    weight = _row_weights(args, target, torch.ones((), dtype=dtype, device=logits.device), dtype)
+    grad = _local_grad(args, ctx.centroids, logits, target, weight)
+    rows = (grad * logits_tangent.to(dtype)).sum(dim=1)
     if args.reduction != REDUCTIONS["none"]:
         return rows.sum().to(logits.dtype), None
     if ctx.centroids is None and args.cmi_weight != 0:
@@ -243,21 +253,26 @@ def _saved_centroids(ctx, create_graph):
     return centroids
 
 
-def _graph_grad(ctx, logits, target, grad_loss):
-    """The gradient for ``grad_loss`` as differentiable torch ops, for a
-    backward with ``create_graph=True``: the formula of docs/math.md ("The
-    gradient", "Second derivatives") with the path through in-batch
-    centroids, so that autograd can differentiate it with respect to the
-    logits (through the centroids too) and ``grad_loss``."""
-    args = ctx.args
-    centroids = _saved_centroids(ctx, create_graph=True)
+def _row_weights(args, target, grad_loss, dtype):
+    """Per-row weights of the loss for the upstream gradient ``grad_loss``:
+    0 at ignored rows, divided by the valid-row count for ``'mean'``."""
+    valid = target != args.ignore_index
+    weight = grad_loss.to(dtype).expand(target.shape[0]) * valid.to(dtype)
+    if args.reduction == REDUCTIONS["mean"]:
+        weight = weight / valid.sum().clamp_min(1).to(dtype)
+    return weight
+
+
+def _local_grad(args, centroids, logits, target, weight):
+    """``sum_i weight_i d loss_i / d logits`` with in-batch centroids held
+    fixed (their path is _batch_centroid_path), as differentiable torch ops:
+    the formula of docs/math.md ("The gradient", "Second derivatives"), so
+    that autograd and forward mode can differentiate it again with respect
+    to the logits (through in-batch centroids too)."""
     dtype = compute_dtype(logits)
     scaled = logits.to(dtype)
     valid = target != args.ignore_index
     labels = torch.where(valid, target, torch.zeros_like(target))
-    weight = grad_loss.to(dtype).expand(scaled.shape[0]) * valid.to(dtype)
-    if args.reduction == REDUCTIONS["mean"]:
-        weight = weight / valid.sum().clamp_min(1).to(dtype)
     log_probs = torch.log_softmax(scaled / args.temperature, dim=1)
     probs = log_probs.exp()
     if centroids is None:
@@ -273,7 +288,18 @@ def _graph_grad(ctx, logits, target, grad_loss):
     if args.ce_weight != 0:
         one_hot = torch.nn.functional.one_hot(labels, scaled.shape[1]).to(dtype)
         grad = grad + args.ce_weight * (torch.softmax(scaled, dim=1) - one_hot)
-    grad = grad * weight.unsqueeze(1)
+    return grad * weight.unsqueeze(1)
+
+
+def _graph_grad(ctx, logits, target, grad_loss):
+    """The gradient for ``grad_loss`` as differentiable torch ops, for a
+    backward with ``create_graph=True``, with the path through in-batch
+    centroids, so that autograd can differentiate it with respect to the
+    logits and ``grad_loss``."""
+    args = ctx.args
+    centroids = _saved_centroids(ctx, create_graph=True)
+    weight = _row_weights(args, target, grad_loss, compute_dtype(logits))
+    grad = _local_grad(args, centroids, logits, target, weight)
     if centroids is None and args.cmi_weight != 0:
         grad = grad + _batch_centroid_path(logits, target, weight, args)
     return grad.to(logits.dtype)

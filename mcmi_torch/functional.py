@@ -160,10 +160,10 @@ def loss(
         has_rows = centroids is not None and centroids.dim() == 2
         num_classes = centroids.shape[0] if has_rows else logits.shape[-1]
     functorch = torch._C._are_functorch_transforms_active()
-    # Forward mode needs the kernel's gradient too (the tangent is its product
-    # with the logits' tangent), whatever the grad mode.
+    # Forward mode (whatever the grad mode) goes through the autograd.Function,
+    # whose jvp carries the tangent.
     tangent = _ops.needs_tangent(logits, functorch)
-    with_grad = (torch.is_grad_enabled() and logits.requires_grad) or tangent
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
     args = (
         logits,
         target,

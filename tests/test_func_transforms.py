@@ -264,3 +264,29 @@ def test_differentiating_with_respect_to_given_centroids_raises():
             pytest.fail(name)
     with torch.no_grad():  # no gradient asked for
         f(q.clone().requires_grad_(True))
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_second_order_through_forward_mode(batch):
+    """jacrev of jacfwd and the gradient of a dual tangent (a Hessian-vector
+    product) differentiate the tangent, computed with torch ops; forward over forward, whose
+    outer derivative torch drops for an autograd.Function, raises."""
+    logits, target, q = random_problem(5, 4, dtype=torch.float64, scale=2.0)
+    q = None if batch else q
+    ours = lambda z: mcmi_torch.cmi(z, target, q, reduction="none")  # noqa: E731
+    want = lambda z: reference.cmi(z, target, q, reduction="none")  # noqa: E731
+    expected = torch.func.jacrev(torch.func.jacfwd(want))(logits)
+    assert expected.abs().max() > 1e-3
+    got = torch.func.jacrev(torch.func.jacfwd(ours))(logits)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    z, v = logits.clone().requires_grad_(True), torch.randn_like(logits)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(ours(fwAD.make_dual(z, v)).sum()).tangent
+        hvp = torch.autograd.grad(tangent, z)[0]
+    g = torch.autograd.grad(want(z).sum(), z, create_graph=True)[0]
+    torch.testing.assert_close(hvp, torch.autograd.grad((g * v).sum(), z)[0], rtol=1e-9,
+                               atol=1e-12)  # fmt: skip
+    with pytest.raises(
+        RuntimeError, match=r"forward mode over forward mode .* torch\.func\.hessian"
+    ):
+        torch.func.jacfwd(torch.func.jacfwd(ours))(logits)
