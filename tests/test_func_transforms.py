@@ -164,13 +164,23 @@ def test_ema_under_torch_func_uses_the_centroids_of_its_value(reduction, transfo
 
 @pytest.mark.parametrize("batch", [False, True])
 def test_per_sample_gradients_with_vmap(batch):
-    """vmap(grad(cmi)) over a stack of problems: each problem's gradient."""
+    """vmap of grad and of jvp over a stack of problems: each problem's
+    gradient and tangent."""
     logits, target, q = random_problem(15, 4, dtype=torch.float64, scale=2.0)
     z, y, q = logits.view(3, 5, 4), target.view(3, 5), None if batch else q
+    v = torch.randn_like(z)
     got = torch.func.vmap(torch.func.grad(lambda a, b: mcmi_torch.cmi(a, b, q)))(z, y)
+    tangents = torch.func.vmap(
+        lambda a, b, t: torch.func.jvp(
+            lambda x: mcmi_torch.cmi(x, b, q, reduction="none"), (a,), (t,)
+        )[1]
+    )(z, y, v)
     for i in range(3):
         want = torch.func.grad(lambda a, b=y[i]: reference.cmi(a, b, q))(z[i])
         torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
+        want = torch.func.jvp(lambda a, b=y[i]: reference.cmi(a, b, q, reduction="none"),
+                              (z[i],), (v[i],))[1]  # fmt: skip
+        torch.testing.assert_close(tangents[i], want, rtol=1e-10, atol=1e-12)
 
 
 def test_ema_update_under_forward_mode_is_the_eager_one():
