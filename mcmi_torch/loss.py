@@ -217,7 +217,8 @@ class MCMILoss(nn.Module):
             total = valid.sum().to(ce.dtype)
         else:
             total = (weight[torch.where(valid, target, 0)] * valid).sum()
-        return torch.where(total > 0, ce / torch.where(total > 0, total, 1), 0)
+        empty = total == 0
+        return torch.where(empty, 0, ce / torch.where(empty, 1, total))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, shape = flatten_classes(logits, target)

@@ -91,6 +91,11 @@ def test_a_mean_over_no_row_is_zero_with_every_option(mode, options):
         value = crit(z, target)
         value.backward()
         assert value.item() == 0.0 and not z.grad.any(), target
+    if weight is not None:  # weights of either sign summing to a non-zero total
+        crit.weight = torch.tensor([-1.0, 0.5, 0.25, 1.0, 1.0])
+        z, target = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+        want = F.cross_entropy(z, target, weight=crit.weight, label_smoothing=smoothing)
+        torch.testing.assert_close(crit(z, target), want)
 
 
 def test_weighted_mean_divides_by_the_weights_and_cmi_stays_unweighted():
