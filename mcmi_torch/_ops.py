@@ -157,7 +157,7 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.centroids = centroids
     ctx.centroids_version = _version(centroids)
     ctx.save_for_backward(grad, logits, target)
-    ctx.save_for_forward(grad, logits, target)
+    ctx.save_for_forward(logits, target)
 
 
 def _batch_class_means(probs, labels, valid, num_classes):
@@ -216,12 +216,12 @@ def _loss_jvp(ctx, logits_tangent, *_unused):
     logits, ``sum_j G_ij v_ij`` with ``G`` the gradient for a unit upstream
     gradient (per row for ``'none'``), plus, for in-batch centroids and
     ``'none'``, the path through the class means. Differentiable torch ops
-    (not the kernel's gradient), so that a transform of this tangent
-    (``jacfwd`` or ``jacrev`` of ``jacfwd``) differentiates it again.
+    (not the kernel's gradient), so that the tangent can be differentiated
+    again (``jacrev`` of ``jacfwd``, the gradient of a dual tangent).
     Centroids are constants, as in the backward."""
     if logits_tangent is None:
         return None, None
-    _, logits, target = ctx.saved_tensors
+    logits, target = ctx.saved_tensors
     args = ctx.args
     dtype = compute_dtype(logits)
     weight = _row_weights(args, target, torch.ones((), dtype=dtype, device=logits.device), dtype)
