@@ -196,12 +196,9 @@ class EmaCentroids(CentroidMode):
                 "or loaded under torch.inference_mode()), which cannot be updated outside "
                 "inference mode; create or load the criterion outside torch.inference_mode()"
             )
-        vmapped = (
-            torch._C._are_functorch_transforms_active()
-            and not torch.compiler.is_compiling()
-            and unwrapped(logits) is None
-        )
-        if torch.is_grad_enabled() and vmapped:
+        # A step that updates the buffer inside a torch.func transform.
+        transformed = torch.is_grad_enabled() and torch._C._are_functorch_transforms_active()
+        if transformed and not torch.compiler.is_compiling() and unwrapped(logits) is None:
             raise RuntimeError(
                 "MCMILoss(centroids='ema') cannot update its buffer inside torch.func.vmap "
                 "(one buffer, a batch of problems); call it outside vmap, or under "
@@ -213,7 +210,7 @@ class EmaCentroids(CentroidMode):
                 f"{logits.shape[1]} classes: 'ema' centroids are [num_classes, num_classes], "
                 "so num_classes must be the number of logits columns"
             )
-        if torch._C._are_functorch_transforms_active() and torch.is_grad_enabled():
+        if transformed:
             # The transforms wrap the buffer in a tensor whose version counter
             # does not see this step's in-place update, so the backward could
             # not tell the centroids had changed: give it a copy.
