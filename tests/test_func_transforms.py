@@ -216,6 +216,7 @@ def test_ema_update_inside_vmap_is_refused_clearly():
     assert not crit.seen.any()
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace:UserWarning")
 def test_forward_mode_under_torch_compile():
     """jvp inside torch.compile gives the eager tangent (through a graph
     break); with fullgraph=True it is right or raises, never a dropped tangent."""

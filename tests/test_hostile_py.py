@@ -427,6 +427,7 @@ class _Model(torch.nn.Module):
         return self.crit(self.lin(x), y)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 def test_torchscript_is_refused_clearly_and_export_works():
     x, y = torch.randn(8, 4), torch.randint(0, 5, (8,))
     attempts = {
