@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iomanip>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -53,8 +54,38 @@ inline const char *dtype_name(ScalarType t) {
     return "int64";
   case ScalarType::Int:
     return "int32";
+  case ScalarType::Byte:
+    return "uint8";
   default:
     return "an unsupported dtype";
+  }
+}
+
+// torch::stable::new_empty, failing with what could not be allocated, how
+// large and where: the stable ABI reports only that the dispatcher call
+// failed, and the usual cause is that the device is out of memory.
+inline Tensor allocate(const Tensor &like, const std::vector<int64_t> &sizes,
+                       const char *what,
+                       std::optional<ScalarType> dtype = std::nullopt) {
+  try {
+    return torch::stable::new_empty(like, sizes, dtype);
+  } catch (const std::exception &) {
+    const ScalarType type = dtype.value_or(like.scalar_type());
+    // An empty tensor of the type gives its element size.
+    double bytes = static_cast<double>(
+        torch::stable::new_empty(like, {0}, type).element_size());
+    std::ostringstream shape;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      shape << (i ? ", " : "") << sizes[i];
+      bytes *= static_cast<double>(sizes[i]);
+    }
+    std::ostringstream size;
+    size << std::setprecision(3) << bytes / (1024.0 * 1024.0 * 1024.0);
+    fail("mcmi: could not allocate ", what, " ([", shape.str(), "] ",
+         dtype_name(type), ", ", size.str(), " GiB) on ",
+         like.is_cuda() ? "cuda:" : "cpu",
+         like.is_cuda() ? std::to_string(like.get_device_index()) : "",
+         ": out of memory? Use a smaller batch or fewer classes");
   }
 }
 
@@ -258,8 +289,8 @@ inline void check_weights(const mcmi_problem &problem, double ce_weight,
 }
 
 inline Tensor workspace(const Tensor &like, size_t bytes) {
-  return torch::stable::new_empty(
-      like, {static_cast<int64_t>(bytes > 0 ? bytes : 1)}, ScalarType::Byte);
+  return allocate(like, {static_cast<int64_t>(bytes > 0 ? bytes : 1)},
+                  "the kernels' workspace", ScalarType::Byte);
 }
 
 // Everything of mcmi::loss but the kernel: validated inputs, a bound
@@ -291,12 +322,15 @@ inline LossCall prepare_loss(const Tensor &logits, const Tensor &target,
   problem.floor = floor;
   bind_pointers(inputs);
   const bool per_row = problem.reduction == MCMI_REDUCTION_NONE;
-  Tensor loss = per_row
-                    ? torch::stable::new_empty(logits, {problem.rows})
-                    : torch::stable::new_empty(logits, std::vector<int64_t>{});
+  Tensor loss = allocate(logits,
+                         per_row ? std::vector<int64_t>{problem.rows}
+                                 : std::vector<int64_t>{},
+                         "the loss");
   Tensor grad =
-      with_grad ? torch::stable::new_empty(logits, {problem.rows, problem.cols})
-                : torch::stable::new_empty(logits, {0});
+      allocate(logits,
+               with_grad ? std::vector<int64_t>{problem.rows, problem.cols}
+                         : std::vector<int64_t>{0},
+               "the gradient");
   const int64_t loss_stride = per_row ? loss.stride(0) : 0;
   return LossCall{inputs, loss, grad, loss_stride};
 }
@@ -316,10 +350,10 @@ inline ClassSumsCall prepare_class_sums(const Tensor &logits,
   Inputs inputs = make_inputs(logits, target, std::nullopt, num_classes,
                               temperature, ignore_index);
   bind_pointers(inputs);
-  Tensor sums = torch::stable::new_empty(
-      logits, {num_classes, inputs.problem.cols}, accumulate_type(logits));
+  Tensor sums = allocate(logits, {num_classes, inputs.problem.cols},
+                         "the class sums", accumulate_type(logits));
   Tensor counts =
-      torch::stable::new_empty(logits, {num_classes}, ScalarType::Long);
+      allocate(logits, {num_classes}, "the class counts", ScalarType::Long);
   return ClassSumsCall{inputs, sums, counts};
 }
 

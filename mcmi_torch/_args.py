@@ -12,6 +12,7 @@ import operator
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 #: ``reduction`` string -> the integer code the ops take.
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -24,6 +25,20 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 # Under autocast, mcmi::loss runs in float32 as F.cross_entropy does.
 _AUTOCAST_CAST = (torch.float16, torch.bfloat16)
+
+
+#: Why TorchScript cannot take the losses, and what to use instead.
+TORCHSCRIPT_UNSUPPORTED = (
+    "mcmi_torch does not support TorchScript (torch.jit.script, torch.jit.trace): its ops carry "
+    "their autograd formula in Python; use torch.compile, or torch.export for a graph"
+)
+
+
+def refuse_torchscript() -> None:
+    """Raises under ``torch.jit.trace``, which would record the op without
+    its Python autograd formula."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(TORCHSCRIPT_UNSUPPORTED)
 
 
 def compute_dtype(logits: Tensor) -> torch.dtype:
@@ -40,15 +55,27 @@ def autocast_float32(logits: Tensor) -> Tensor:
     return logits
 
 
+def has_tangent(tensor: Tensor) -> bool:
+    """True for a dual tensor of forward-mode AD (``torch.autograd.forward_ad``)."""
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(tensor).tangent is not None
+
+
 def prepare_centroids(centroids: Tensor | None, logits: Tensor) -> Tensor | None:
-    """Centroids as the kernels take them, in the compute dtype (constants:
-    the ops give them no gradient)."""
+    """Centroids as the kernels take them, in the compute dtype. They are
+    constants: centroids that ask for a gradient or carry a tangent are
+    refused rather than given a zero one."""
     if centroids is None:
         return None
     if not isinstance(centroids, Tensor):
         raise TypeError(f"centroids must be a Tensor or None, got {type(centroids).__name__}")
     if not centroids.is_floating_point():
         raise TypeError(f"centroids must be a floating-point tensor, got {centroids.dtype}")
+    if (torch.is_grad_enabled() and centroids.requires_grad) or has_tangent(centroids):
+        raise ValueError(
+            "centroids are used as constants, so no gradient or tangent flows to them, but "
+            "these require one; pass centroids.detach() (mcmi_torch.reference.cmi "
+            "differentiates through them)"
+        )
     return centroids.to(compute_dtype(logits))
 
 

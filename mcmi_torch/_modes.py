@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._args import class_means, compute_dtype
 from ._C import CENTROID_SUM_TOLERANCE
+from ._ops import unwrapped
 from .distributed import all_reduce_sum, is_distributed
 from .functional import class_sums
 
@@ -29,13 +30,17 @@ def check_centroids(centroids: Tensor) -> Tensor:
         )
     if centroids.dim() != 2:
         raise ValueError(f"centroids must be 2-D [num_classes, classes], got {centroids.dim()}-D")
+    if centroids.numel() == 0:
+        raise ValueError(
+            f"centroids must have at least one row and one column, got {list(centroids.shape)}"
+        )
     given = centroids.detach()
     if not torch.isfinite(given).all():
         raise ValueError("centroids hold NaN or infinite entries")
     if (given < 0).any():
         raise ValueError("centroids hold negative entries; rows must be probability vectors")
     row_sums = given.sum(dim=1, dtype=torch.float64)
-    worst = (row_sums - 1).abs().max().item() if given.shape[0] else 0.0
+    worst = (row_sums - 1).abs().max().item()
     if worst > CENTROID_SUM_TOLERANCE:
         raise ValueError(
             f"centroids rows must sum to 1 (worst row is off by {worst:.3g}); "
@@ -115,7 +120,8 @@ class FixedCentroids(CentroidMode):
     def before_step(self, criterion, logits, target):
         centroids = criterion.centroids
         _check_buffer_device(centroids, logits)
-        if not torch.compiler.is_compiling() and not centroids.is_inference():
+        # Meta tensors hold no values to validate (a model traced on meta).
+        if not (torch.compiler.is_compiling() or centroids.is_inference() or centroids.is_meta):
             self._revalidate(centroids)
         return centroids
 
@@ -190,12 +196,25 @@ class EmaCentroids(CentroidMode):
                 "or loaded under torch.inference_mode()), which cannot be updated outside "
                 "inference mode; create or load the criterion outside torch.inference_mode()"
             )
+        # A step that updates the buffer inside a torch.func transform.
+        transformed = torch.is_grad_enabled() and torch._C._are_functorch_transforms_active()
+        if transformed and not torch.compiler.is_compiling() and unwrapped(logits) is None:
+            raise RuntimeError(
+                "MCMILoss(centroids='ema') cannot update its buffer inside torch.func.vmap "
+                "(one buffer, a batch of problems); call it outside vmap, or under "
+                "torch.no_grad() to use the buffer without an update"
+            )
         if logits.dim() >= 2 and logits.shape[1] != criterion.num_classes:
             raise ValueError(
                 f"MCMILoss(centroids='ema', num_classes={criterion.num_classes}) got logits with "
                 f"{logits.shape[1]} classes: 'ema' centroids are [num_classes, num_classes], "
                 "so num_classes must be the number of logits columns"
             )
+        if transformed:
+            # The transforms wrap the buffer in a tensor whose version counter
+            # does not see this step's in-place update, so the backward could
+            # not tell the centroids had changed: give it a copy.
+            return centroids.clone()
         return centroids
 
     def after_step(self, criterion, logits, target, value):

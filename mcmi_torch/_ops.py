@@ -21,9 +21,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
 from . import _C, _cuda  # noqa: F401  (register the ops, the CPU and CUDA kernels)
-from ._args import REDUCTIONS, class_means, compute_dtype
+from ._args import REDUCTIONS, class_means, compute_dtype, has_tangent
 
 #: Largest ``num_classes`` the ops take (the C++ shim holds the same bound).
 MAX_CLASSES = (1 << 31) - 1
@@ -110,6 +111,37 @@ def _version(tensor: Tensor | None) -> int:
     return 0 if tensor is None or tensor.is_inference() else tensor._version
 
 
+def unwrapped(tensor: Tensor) -> Tensor | None:
+    """The plain tensor under the wrappers of ``torch.func`` transforms
+    (``grad``, ``jvp``), or ``None`` for one batched by ``vmap`` at any
+    level (a ``jacfwd`` batches the tangents only, not the logits)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return None
+        tensor = functorch.get_unwrapped(tensor)
+    return tensor
+
+
+def needs_tangent(logits: Tensor, functorch: bool) -> bool:
+    """True when a loss of ``logits`` must carry a forward-mode tangent: they
+    are a dual tensor (``torch.autograd.forward_ad``) or a ``torch.func.jvp``
+    (``jacfwd``) transform is active (``functorch``: any transform is).
+    Raises for forward mode over forward mode, whose outer derivative torch
+    drops for an autograd.Function."""
+    if functorch:
+        levels = [level.key() for level in retrieve_all_functorch_interpreters()]
+        if levels.count(TransformType.Jvp) > 1:
+            raise RuntimeError(
+                "mcmi: forward mode over forward mode (jacfwd of jacfwd, a jvp inside a jvp) is "
+                "not supported: torch drops the outer derivative of a custom autograd.Function's "
+                "tangent; use torch.func.hessian (jacfwd of jacrev) or jacrev of jacfwd"
+            )
+        if TransformType.Jvp in levels:
+            return True
+    return has_tangent(logits)
+
+
 def _loss_setup_context(ctx, inputs, output):
     logits, target, centroids, *args = inputs
     _, grad = output
@@ -125,14 +157,17 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.centroids = centroids
     ctx.centroids_version = _version(centroids)
     ctx.save_for_backward(grad, logits, target)
+    ctx.save_for_forward(logits, target)
 
 
 def _batch_class_means(probs, labels, valid, num_classes):
     """In-batch centroids ``[K, C]`` (differentiable: the mean of the rows
-    ``probs`` of each class) and the class counts ``[K]``."""
-    sums = probs.new_zeros(num_classes, probs.shape[1])
-    sums = sums.index_add(0, labels[valid], probs[valid])
-    counts = torch.bincount(labels[valid], minlength=num_classes)
+    ``probs`` of each class) and the class counts ``[K]``, from ``labels``
+    in range (ignored rows relabelled) and the mask ``valid``; no boolean
+    indexing, so ``vmap`` can batch it."""
+    rows = probs * valid.unsqueeze(1).to(probs.dtype)
+    sums = probs.new_zeros(num_classes, probs.shape[1]).index_add(0, labels, rows)
+    counts = labels.new_zeros(num_classes).index_add(0, labels, valid.to(labels.dtype))
     return class_means(sums, counts), counts
 
 
@@ -155,6 +190,50 @@ def _batch_centroid_path(logits, target, weight, args):
     return probs * (upstream - (probs * upstream).sum(dim=1, keepdim=True)) / temperature
 
 
+def _batch_centroid_tangent(logits, target, tangent, args):
+    """Per-row tangent of ``cmi_weight * KL_i`` through in-batch centroids
+    for the logits tangent ``tangent``: ``-sum_j P_ij dQ_cj / Q_cj`` (0 where
+    ``Q_cj`` is below the floor), which couples the rows of a class (see
+    docs/math.md, "Forward mode"). No data-dependent shapes, so that
+    ``jacfwd`` can batch the tangent."""
+    num_classes, temperature, floor = args.num_classes, args.temperature, args.floor
+    dtype = compute_dtype(logits)
+    probs = torch.softmax(logits.to(dtype) / temperature, dim=1)
+    valid = target != args.ignore_index
+    labels = torch.where(valid, target, torch.zeros_like(target))
+    centroids, counts = _batch_class_means(probs, labels, valid, num_classes)
+    v = tangent.to(dtype)
+    dprobs = probs * (v - (probs * v).sum(dim=1, keepdim=True)) / temperature
+    dprobs = dprobs * valid.unsqueeze(1).to(dtype)
+    dmeans = class_means(torch.zeros_like(centroids).index_add(0, labels, dprobs), counts)
+    live = (centroids >= floor).to(dtype)
+    ratio = (live * dmeans / centroids.clamp_min(floor))[labels]
+    return -args.cmi_weight * (probs * ratio).sum(dim=1) * valid.to(dtype)
+
+
+def _loss_jvp(ctx, logits_tangent, *_unused):
+    """Forward mode: the tangent of the loss for a tangent ``v`` of the
+    logits, ``sum_j G_ij v_ij`` with ``G`` the gradient for a unit upstream
+    gradient (per row for ``'none'``), plus, for in-batch centroids and
+    ``'none'``, the path through the class means. Differentiable torch ops
+    (not the kernel's gradient), so that the tangent can be differentiated
+    again (``jacrev`` of ``jacfwd``, the gradient of a dual tangent).
+    Centroids are constants, as in the backward."""
+    if logits_tangent is None:
+        return None, None
+    logits, target = ctx.saved_tensors
+    args = ctx.args
+    dtype = compute_dtype(logits)
+    weight = _row_weights(args, target, torch.ones((), dtype=dtype, device=logits.device), dtype)
+    grad = _local_grad(args, ctx.centroids, logits, target, weight)
+    rows = (grad * logits_tangent.to(dtype)).sum(dim=1)
+    if args.reduction != REDUCTIONS["none"]:
+        return rows.sum().to(logits.dtype), None
+    if ctx.centroids is None and args.cmi_weight != 0:
+        rows = rows + _batch_centroid_tangent(logits, target, logits_tangent, args)
+    return rows.to(logits.dtype), None
+
+
 def _saved_centroids(ctx, create_graph):
     """The centroids the forward used, unless an 'ema' update has overwritten
     them since (their version counter records it)."""
@@ -174,21 +253,26 @@ def _saved_centroids(ctx, create_graph):
     return centroids
 
 
-def _graph_grad(ctx, logits, target, grad_loss):
-    """The gradient for ``grad_loss`` as differentiable torch ops, for a
-    backward with ``create_graph=True``: the formula of docs/math.md ("The
-    gradient", "Second derivatives") with the path through in-batch
-    centroids, so that autograd can differentiate it with respect to the
-    logits (through the centroids too) and ``grad_loss``."""
-    args = ctx.args
-    centroids = _saved_centroids(ctx, create_graph=True)
+def _row_weights(args, target, grad_loss, dtype):
+    """Per-row weights of the loss for the upstream gradient ``grad_loss``:
+    0 at ignored rows, divided by the valid-row count for ``'mean'``."""
+    valid = target != args.ignore_index
+    weight = grad_loss.to(dtype).expand(target.shape[0]) * valid.to(dtype)
+    if args.reduction == REDUCTIONS["mean"]:
+        weight = weight / valid.sum().clamp_min(1).to(dtype)
+    return weight
+
+
+def _local_grad(args, centroids, logits, target, weight):
+    """``sum_i weight_i d loss_i / d logits`` with in-batch centroids held
+    fixed (their path is _batch_centroid_path), as differentiable torch ops:
+    the formula of docs/math.md ("The gradient", "Second derivatives"), so
+    that autograd and forward mode can differentiate it again with respect
+    to the logits (through in-batch centroids too)."""
     dtype = compute_dtype(logits)
     scaled = logits.to(dtype)
     valid = target != args.ignore_index
     labels = torch.where(valid, target, torch.zeros_like(target))
-    weight = grad_loss.to(dtype).expand(scaled.shape[0]) * valid.to(dtype)
-    if args.reduction == REDUCTIONS["mean"]:
-        weight = weight / valid.sum().clamp_min(1).to(dtype)
     log_probs = torch.log_softmax(scaled / args.temperature, dim=1)
     probs = log_probs.exp()
     if centroids is None:
@@ -204,7 +288,18 @@ def _graph_grad(ctx, logits, target, grad_loss):
     if args.ce_weight != 0:
         one_hot = torch.nn.functional.one_hot(labels, scaled.shape[1]).to(dtype)
         grad = grad + args.ce_weight * (torch.softmax(scaled, dim=1) - one_hot)
-    grad = grad * weight.unsqueeze(1)
+    return grad * weight.unsqueeze(1)
+
+
+def _graph_grad(ctx, logits, target, grad_loss):
+    """The gradient for ``grad_loss`` as differentiable torch ops, for a
+    backward with ``create_graph=True``, with the path through in-batch
+    centroids, so that autograd can differentiate it with respect to the
+    logits and ``grad_loss``."""
+    args = ctx.args
+    centroids = _saved_centroids(ctx, create_graph=True)
+    weight = _row_weights(args, target, grad_loss, compute_dtype(logits))
+    grad = _local_grad(args, centroids, logits, target, weight)
     if centroids is None and args.cmi_weight != 0:
         grad = grad + _batch_centroid_path(logits, target, weight, args)
     return grad.to(logits.dtype)
@@ -276,6 +371,7 @@ class _EagerLoss(torch.autograd.Function):
         return output
 
     backward = staticmethod(_loss_backward)
+    jvp = staticmethod(_loss_jvp)
 
 
 # Under autocast, mcmi::loss runs in float32 as F.cross_entropy does (autocast's
@@ -289,9 +385,9 @@ for _device_type in ("cpu", "cuda"):
 
 
 class _FuncLoss(torch.autograd.Function):
-    """``_EagerLoss`` with a separate ``setup_context``, the form that
-    ``torch.func`` transforms (``grad``, ``vjp``) require; slower per call,
-    so used only under them."""
+    """``_EagerLoss`` with a separate ``setup_context`` and a ``vmap`` rule,
+    the form that ``torch.func`` transforms (``grad``, ``vjp``, ``jvp``,
+    ``vmap``) require; slower per call, so used only under them."""
 
     @staticmethod
     def forward(*args):
@@ -300,3 +396,18 @@ class _FuncLoss(torch.autograd.Function):
 
     setup_context = staticmethod(_loss_setup_context)
     backward = staticmethod(_loss_backward)
+    jvp = staticmethod(_loss_jvp)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        """Under ``vmap`` (``jacfwd``, per-sample gradients): one call per
+        batch entry of the batched inputs, results stacked along dim 0."""
+        if all(dim is None for dim in in_dims):
+            return _FuncLoss.apply(*args), (None, None)
+        outputs = [
+            _FuncLoss.apply(
+                *(arg if dim is None else arg.select(dim, index) for arg, dim in zip(args, in_dims))
+            )
+            for index in range(info.batch_size)
+        ]
+        return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)

@@ -48,7 +48,17 @@ def select_logits(out: Any, output: OutputSelector) -> Tensor:
             "models return, output=1 for (feats, logits) as RepDistiller's with is_feat=True) "
             "or a callable on the output"
         )
-    picked = output(out) if callable(output) else out[output]
+    if callable(output):
+        picked = output(out)
+    else:
+        try:
+            picked = out[output]
+        except (IndexError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"output={output!r} cannot pick the logits from the model's "
+                f"{type(out).__name__} ({type(error).__name__}: {error}); pass an index or key "
+                "of the model's output, or a callable on it"
+            ) from None
     if not isinstance(picked, Tensor):
         raise TypeError(
             f"output={output!r} picked a {type(picked).__name__} from the model's "
@@ -89,6 +99,7 @@ def estimate_centroids(
     *,
     device: torch.device | str | None = None,
     temperature: float = 1.0,
+    ignore_index: int = -100,
     progress: bool = True,
     train_mode: bool = False,
     output: OutputSelector = None,
@@ -114,6 +125,7 @@ def estimate_centroids(
         num_classes: number of classes ``K``.
         device: where to run the model (default: the model's device).
         temperature: softmax temperature.
+        ignore_index: label of samples to leave out (as the losses do).
         progress: show a tqdm progress bar.
         train_mode: run the model in train mode (see above).
         output: for a model that returns more than logits, what picks them:
@@ -138,7 +150,9 @@ def estimate_centroids(
         output=output,
     )
     for logits, targets in outputs:
-        s, c = class_sums(logits, targets, num_classes, temperature=temperature)
+        s, c = class_sums(
+            logits, targets, num_classes, temperature=temperature, ignore_index=ignore_index
+        )
         sums = s.double() if sums is None else sums + s
         counts = c if counts is None else counts + c
     if sums is None:

@@ -91,7 +91,8 @@ def cmi(
             (``[N, d1, ...]`` for ``[N, C, d1, ...]`` logits, 0-D for ``[C]``).
         centroids: ``[K, C]`` class centroids whose rows are probability
             vectors (e.g. from :func:`mcmi_torch.estimate_centroids`), used as
-            constants; or ``None`` for in-batch centroids (the mean softmax of
+            constants (centroids that require grad or carry a forward-mode
+            tangent raise ``ValueError``); or ``None`` for in-batch centroids (the mean softmax of
             each class present in the batch, ``K = C``). Entries are clamped
             from below by :data:`mcmi_torch.CENTROID_FLOOR` before the log.
             Rows that do not sum to 1 (within 1e-3) raise an error.
@@ -107,7 +108,8 @@ def cmi(
         of ``logits``; float32 under ``torch.autocast`` for 16-bit logits, as
         ``F.cross_entropy``. Differentiable with respect to ``logits``, twice
         as well: ``backward(create_graph=True)`` gives a gradient autograd can
-        differentiate again (a gradient penalty, a Hessian-vector product).
+        differentiate again (a gradient penalty, a Hessian-vector product);
+        forward mode (``torch.func.jvp``, ``jacfwd``, dual numbers) too.
     """
     return _cmi_term(logits, target, centroids, 1.0, temperature, ignore_index, reduction)
 
@@ -148,6 +150,7 @@ def loss(
     logits and ``[B]`` targets as :func:`flatten_classes` returns them (float32
     under autocast). With ``log_centroids``, ``centroids`` holds
     ``log max(Q, CENTROID_FLOOR)``."""
+    _args.refuse_torchscript()
     logits = _args.autocast_float32(logits)
     code = _args.check_reduction(reduction)
     temperature = _args.check_temperature(temperature, logits)
@@ -156,6 +159,10 @@ def loss(
     if num_classes is None:
         has_rows = centroids is not None and centroids.dim() == 2
         num_classes = centroids.shape[0] if has_rows else logits.shape[-1]
+    functorch = torch._C._are_functorch_transforms_active()
+    # Forward mode (whatever the grad mode) goes through the autograd.Function,
+    # whose jvp carries the tangent.
+    tangent = _ops.needs_tangent(logits, functorch)
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     args = (
         logits,
@@ -171,8 +178,8 @@ def loss(
         code,
         with_grad,
     )
-    if with_grad and not torch.compiler.is_compiling():
-        if torch._C._are_functorch_transforms_active():
+    if tangent or (with_grad and not torch.compiler.is_compiling()):
+        if functorch:
             return _ops._FuncLoss.apply(*args)[0]
         return _ops._EagerLoss.apply(*args)[0]
     return torch.ops.mcmi.loss.default(*args)[0]

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 
 import torch
 from torch import Tensor
 
-from ._args import CENTROID_FLOOR
+from ._args import CENTROID_FLOOR, check_int
+from ._modes import check_centroids
+from ._ops import unwrapped
 
 
 class CollapseWarning(UserWarning):
@@ -41,12 +44,15 @@ def suggest_lambda(centroids: Tensor) -> float:
 
     Args:
         centroids: ``[K, K]`` class centroids (rows are probability vectors,
-            row ``c`` of class ``c``), e.g. from ``estimate_centroids``.
+            row ``c`` of class ``c``), e.g. from ``estimate_centroids``;
+            validated as ``MCMILoss`` validates them (finite, non-negative,
+            rows summing to 1 within 1e-3; then renormalized).
 
     Returns:
         The bound as a float (``inf`` when every row is uniform).
     """
-    if centroids.dim() != 2 or centroids.shape[0] != centroids.shape[1]:
+    centroids = check_centroids(centroids)
+    if centroids.shape[0] != centroids.shape[1]:
         raise ValueError(
             f"centroids must be square [num_classes, num_classes], got {tuple(centroids.shape)}"
         )
@@ -55,64 +61,118 @@ def suggest_lambda(centroids: Tensor) -> float:
     return math.log(2) / spread if spread > 0 else math.inf
 
 
+class _HostCounts:
+    """``[hits, rows]`` of one check, readable on the host once :meth:`ready`:
+    at once for CPU tensors; for a device, through a non-blocking copy and an
+    event, so that no one waits for the device to finish."""
+
+    def __init__(self, counts: Tensor) -> None:
+        if counts.device.type == "cpu":
+            self.host, self.event = counts, None
+        else:
+            self.host = torch.empty_like(counts, device="cpu", pin_memory=True)
+            self.host.copy_(counts, non_blocking=True)
+            # After the copy, on the stream it runs on (that of the counts'
+            # device, which need not be the current device).
+            self.event = torch.Event(device=counts.device)
+            self.event.record(torch.accelerator.current_stream(counts.device))
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+
+def _observable(logits: Tensor | None) -> bool:
+    """Whether a batch's accuracy can be kept: not batched by vmap (None),
+    not on meta tensors (no values), not during CUDA graph capture (no copy
+    then)."""
+    if logits is None or logits.is_meta:
+        return False
+    return not (logits.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class CollapseGuard:
     """Warns once when the training-batch accuracy of an MCMI fine-tune falls
     from well above chance towards chance.
 
     :meth:`observe` is called with every training batch and its ``lam``; on the
-    first call and every ``every``-th after it, it reads the batch accuracy (one
-    device sync) and keeps a running mean ``a`` (the mean of the last two checks)
-    and the best ``a`` seen. It is armed once the best is well above chance
-    (``1 / C`` for ``C`` logit columns): by at least a fifth of the way from
-    chance to 1, and by four standard errors of a chance-level mean over the rows
-    seen (so a model that never learned, trained on random labels say, does not
-    arm it by luck). Armed, it issues a :class:`CollapseWarning` when ``a`` falls
-    below the midpoint of the best and chance. The calls in between only count.
-    ``fired`` records whether it warned.
+    first call and every ``every``-th after it, it counts the batch's correct
+    and valid rows on the batch's device and reads the counts once they are on
+    the host: at once on the CPU; on a GPU through a non-blocking copy that a
+    later call picks up when it has arrived, so the guard never waits for the
+    device (no sync; a warning may come a few calls late). From the counts it
+    keeps a running mean ``a`` (the mean of the last two checks) and the best
+    ``a`` seen. It is armed once the best is well above chance (``1 / C`` for
+    ``C`` logit columns): by at least a fifth of the way from chance to 1, and
+    by four standard errors of a chance-level mean over the rows seen (so a
+    model that never learned, trained on random labels say, does not arm it by
+    luck). Armed, it issues a :class:`CollapseWarning` when ``a`` falls below
+    the midpoint of the best and chance. The calls in between only count.
+    Batches it cannot read are counted but not checked: meta tensors, calls
+    inside ``torch.func.vmap`` (``grad`` and ``jvp`` are fine), under
+    ``torch.compile`` and during CUDA graph capture. ``fired`` records whether
+    it warned.
 
     Args:
-        every: check one batch in this many.
+        every: check one batch in this many (an int >= 1).
     """
 
     def __init__(self, every: int = 20) -> None:
-        if int(every) < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.every = int(every)
+        self.every = check_int("every", every, minimum=1)
         self.calls = 0
         self.last = None
         self.last_count = 0
         self.best = 0.0
         self.armed = False
         self.fired = False
+        self._pending: deque[tuple[_HostCounts, int, float]] = deque()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles (``copy.deepcopy``, ``torch.save`` of a
+        criterion) leave out the checks still in flight: a device event
+        cannot be copied."""
+        return {**self.__dict__, "_pending": deque()}
 
     def observe(self, logits: Tensor, target: Tensor, ignore_index: int, lam: float) -> None:
         """Counts a batch; on the first and every ``every``-th one after it,
-        checks its accuracy (``lam`` is quoted in the warning)."""
+        counts its accuracy (``lam`` is quoted in the warning), and takes in
+        the counts of earlier checks that have reached the host."""
         self.calls += 1
-        if self.fired or (self.calls - 1) % self.every:
+        if not self.fired and (self.calls - 1) % self.every == 0:
+            self._count(logits, target, ignore_index, lam)
+        while self._pending and self._pending[0][0].ready():
+            counts, classes, lam_then = self._pending.popleft()
+            hits, count = counts.host.tolist()
+            if not self.fired and count:
+                self._check(hits / count, count, classes, lam_then)
+
+    def _count(self, logits: Tensor, target: Tensor, ignore_index: int, lam: float) -> None:
+        # Inside torch.func.grad / jvp the values are those of the wrapped tensors.
+        logits, target = unwrapped(logits.detach()), unwrapped(target)
+        if not _observable(logits) or target is None:
             return
         valid = target != ignore_index
-        hits = (logits.detach().argmax(dim=1) == target) & valid
-        count = valid.sum().item()
-        if count == 0:
-            return
-        acc = hits.sum().item() / count
+        hits = (logits.argmax(dim=1) == target) & valid
+        counts = torch.stack([hits.sum(), valid.sum()])
+        self._pending.append((_HostCounts(counts), logits.shape[1], lam))
+
+    def _check(self, acc: float, count: int, classes: int, lam: float) -> None:
         if self.last is None:
             mean, rows = acc, count
         else:
             mean, rows = 0.5 * (acc + self.last), count + self.last_count
         self.last, self.last_count = acc, count
-        chance = 1.0 / logits.shape[1]
+        chance = 1.0 / classes
         self.best = max(self.best, mean)
         noise = math.sqrt(chance * (1.0 - chance) / rows)
         self.armed = self.armed or mean - chance >= max(0.2 * (1.0 - chance), 4.0 * noise)
         if self.armed and mean < 0.5 * (self.best + chance):
             self.fired = True
+            self._pending.clear()
             warnings.warn(
                 f"MCMI fine-tune collapsing: training-batch accuracy fell from {self.best:.2f} "
                 f"to {mean:.2f} (chance {chance:.2f}) with lam={lam:g}. The CMI term pays "
                 "more for leaving the label than CE charges; lower lam, e.g. towards "
                 "mcmi_torch.suggest_lambda(centroids) (docs/math.md, 'Collapse').",
                 CollapseWarning,
-                stacklevel=2,
+                stacklevel=3,
             )

@@ -60,6 +60,10 @@ class MCMILoss(nn.Module):
         label_smoothing: in [0, 1], smoothing of the CE term exactly as in
             ``F.cross_entropy``; the CMI term is unchanged.
 
+    A ``'mean'`` over no row (every label ignored, an empty batch) is 0 with
+    a zero gradient, with every option; so is the weighted CE mean of
+    targets whose weights sum to 0 (``F.cross_entropy`` gives NaN for both).
+
     With ``weight`` or ``label_smoothing`` the CE term is ``F.cross_entropy``
     and the CMI term the fused op (two passes over the logits); with neither,
     the single fused op computes both.
@@ -68,8 +72,8 @@ class MCMILoss(nn.Module):
         guard: a :class:`~mcmi_torch.guard.CollapseGuard`, fed the training
             calls made with ``lam > 0``: it warns once if the training-batch
             accuracy falls towards chance, as it does when ``lam`` is too large
-            (docs/math.md, "Collapse"); one device sync every 20 such calls.
-            Set it to ``None`` to turn it off.
+            (docs/math.md, "Collapse"), without a device sync. Set it to
+            ``None`` to turn it off.
 
     Centroid state: ``load_state_dict`` validates loaded centroids as the
     constructor does (fixed ones are renormalized); fixed centroids modified
@@ -138,6 +142,10 @@ class MCMILoss(nn.Module):
             raise ValueError(f"lam must be finite, got {value}")
         self._lam = value
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: TorchScript is not supported."""
+        raise RuntimeError(_args.TORCHSCRIPT_UNSUPPORTED)
+
     def _apply(self, fn, recurse=True):
         """Module casts keep the centroid state in float32 or float64: a cast to
         16 bits (``.half()``, ``.bfloat16()``, ``.to(torch.float16)``) leaves it
@@ -187,6 +195,31 @@ class MCMILoss(nn.Module):
             parts.append(f"label_smoothing={self.label_smoothing}")
         return ", ".join([f"lam={self.lam}", *parts])
 
+    def _cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``F.cross_entropy`` with the weight and label smoothing, except that
+        a mean over no weight (every row ignored, or only targets of weight
+        0) is 0 with a zero gradient, as the fused op's mean over no row is,
+        where ``F.cross_entropy`` gives NaN."""
+        weight = self.weight.to(logits.dtype) if self.weight is not None else None
+        mean = self.reduction == "mean"
+        ce = F.cross_entropy(
+            logits,
+            target,
+            weight=weight,
+            ignore_index=self.ignore_index,
+            reduction="sum" if mean else self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+        if not mean:
+            return ce
+        valid = target != self.ignore_index
+        if weight is None:
+            total = valid.sum().to(ce.dtype)
+        else:
+            total = (weight[torch.where(valid, target, 0)] * valid).sum()
+        empty = total == 0
+        return torch.where(empty, 0, ce / torch.where(empty, 1, total))
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, shape = flatten_classes(logits, target)
         logits = _args.autocast_float32(logits)
@@ -204,15 +237,7 @@ class MCMILoss(nn.Module):
             num_classes=self.num_classes,
         )
         if not fused_ce:
-            weight = self.weight.to(logits.dtype) if self.weight is not None else None
-            value = value + F.cross_entropy(
-                logits,
-                target,
-                weight=weight,
-                ignore_index=self.ignore_index,
-                reduction=self.reduction,
-                label_smoothing=self.label_smoothing,
-            )
+            value = value + self._cross_entropy(logits, target)
         self.centroid_mode.after_step(self, logits, target, value)
         guarded = self.guard is not None and self.lam > 0 and torch.is_grad_enabled()
         if guarded and not torch.compiler.is_compiling():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._args import CENTROID_FLOOR, class_means
+from ._args import CENTROID_FLOOR, check_int, class_means
 from .centroids import OutputSelector, model_device, model_outputs
 from .distributed import all_reduce_sum
 from .functional import class_sums
@@ -72,6 +72,7 @@ def teacher_report(
     *,
     device: torch.device | str | None = None,
     temperature: float = 1.0,
+    ignore_index: int = -100,
     progress: bool = True,
     output: OutputSelector = None,
 ) -> TeacherReport:
@@ -82,23 +83,28 @@ def teacher_report(
     the class-sum kernel. With ``torch.distributed`` initialized, sums from
     all ranks are added, so every rank reports on the whole data.
 
-    ``output`` picks the logits from a model that returns more (a tuple, a
-    dict): an index, a key or a callable, as in
+    Samples labelled ``ignore_index`` are left out of every metric (the
+    class sums, the entropy term, the accuracy and ``samples``), as the
+    losses leave them out. ``output`` picks the logits from a model that
+    returns more (a tuple, a dict): an index, a key or a callable, as in
     :func:`mcmi_torch.estimate_centroids`.
     """
     device = torch.device(device) if device is not None else model_device(model)
+    ignore_index = check_int("ignore_index", ignore_index)
     k = num_classes
     totals = None
     outputs = model_outputs(
         model, loader, device, desc="teacher report", progress=progress, output=output
     )
     for logits, targets in outputs:
-        s, c = class_sums(logits, targets, k, temperature=temperature)
-        lsum, _ = class_sums(logits, targets, k, temperature=temperature, log_probs=True)
+        kw = dict(temperature=temperature, ignore_index=ignore_index)
+        s, c = class_sums(logits, targets, k, **kw)
+        lsum, _ = class_sums(logits, targets, k, log_probs=True, **kw)
+        valid = targets != ignore_index
         logp = torch.log_softmax(logits.double() / temperature, dim=1)
-        extra = torch.stack(
-            [(logp.exp() * logp).sum(), (logits.argmax(1) == targets).sum().double()]
-        )
+        neg_entropy = (logp.exp() * logp).sum(dim=1)
+        correct = (logits.argmax(1) == targets) & valid
+        extra = torch.stack([neg_entropy[valid].sum(), correct.sum().double()])
         step = (s.double(), lsum.double(), c, extra)
         totals = step if totals is None else tuple(a + b for a, b in zip(totals, step))
     if totals is None:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._args import check_int, check_real
+
 
 def _pool(x: Tensor) -> Tensor:
     """[B, C, ...] -> [B, C] by global average pooling; [B, C] unchanged."""
@@ -69,6 +71,41 @@ def infonce_estimate(fs: Tensor, gt: Tensor, scale: float) -> Tensor:
     return math.log(fs.shape[0]) + torch.diagonal(F.log_softmax(scores, dim=1)).mean()
 
 
+def _dims(name: str, dims: Sequence[int]) -> list[int]:
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
+        raise ValueError(f"{name} must be a non-empty sequence of channel counts, got {dims!r}")
+    return [check_int(f"{name}[{k}]", d, minimum=1) for k, d in enumerate(dims)]
+
+
+def _check_pair(k: int, s: Tensor, t: Tensor, dims: tuple[int, int]) -> None:
+    """Feature pair ``k``: floating-point ``[B, C, ...]`` tensors on one device
+    with the channel counts of their critic and the same batch of at least
+    2 samples (the negatives of a sample are other samples)."""
+    for name, x, channels in (("student_feats", s, dims[0]), ("teacher_feats", t, dims[1])):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{name}[{k}] must be a floating-point tensor, got {got}")
+        if x.dim() < 2 or x.shape[1] != channels:
+            raise ValueError(
+                f"{name}[{k}] must be [B, {channels}] or [B, {channels}, ...], got shape "
+                f"{list(x.shape)}"
+            )
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(
+            f"student_feats[{k}] and teacher_feats[{k}] must hold the same samples, got batches "
+            f"of {s.shape[0]} and {t.shape[0]}"
+        )
+    if s.shape[0] < 2:
+        raise ValueError(
+            f"feature pair {k} has a batch of {s.shape[0]}: the MI estimates need at least 2 "
+            "samples (each sample's negatives are the others)"
+        )
+    if s.device != t.device:
+        raise ValueError(
+            f"student_feats[{k}] is on {s.device} but teacher_feats[{k}] on {t.device}"
+        )
+
+
 class MIMKDLoss(nn.Module):
     """``-sum_k w_k * MI_estimate(student_k, teacher_k)`` over feature pairs.
 
@@ -80,7 +117,9 @@ class MIMKDLoss(nn.Module):
         proj_dim, hidden: sizes of the critic heads.
 
     ``forward(student_feats, teacher_feats)`` takes two sequences of tensors
-    (``[B, C]`` or ``[B, C, H, W]``) and returns the loss to add to the
+    (``[B, C]`` or ``[B, C, H, W]``, the channels of their pair; student and
+    teacher features of a pair hold the same ``B >= 2`` samples, checked with
+    an error that names the pair) and returns the loss to add to the
     student's objective (e.g. ``CE + beta * mimkd`` or with KD); the critics'
     parameters belong to this module and train with the student.
     ``estimates(...)`` returns the per-pair MI estimates without the sign.
@@ -97,24 +136,50 @@ class MIMKDLoss(nn.Module):
         hidden: int = 256,
     ) -> None:
         super().__init__()
-        if len(student_dims) != len(teacher_dims) or not student_dims:
-            raise ValueError("student_dims and teacher_dims must name the same pairs (>= 1)")
+        student_dims = _dims("student_dims", student_dims)
+        teacher_dims = _dims("teacher_dims", teacher_dims)
+        if len(student_dims) != len(teacher_dims):
+            raise ValueError(
+                f"student_dims and teacher_dims must name the same pairs, got {len(student_dims)} "
+                f"and {len(teacher_dims)} entries"
+            )
         if estimator not in ("jsd", "infonce"):
             raise ValueError(f"estimator must be 'jsd' or 'infonce', got {estimator!r}")
         weights = [1.0] * len(student_dims) if weights is None else list(weights)
         if len(weights) != len(student_dims):
-            raise ValueError("one weight per feature pair")
+            raise ValueError(
+                f"weights must have one entry per feature pair ({len(student_dims)}), "
+                f"got {len(weights)}"
+            )
+        weights = [check_real(f"weights[{k}]", w) for k, w in enumerate(weights)]
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be finite, got {weights}")
         self.estimator = estimator
         self.weights = weights
+        self.dims = list(zip(student_dims, teacher_dims))
+        proj_dim = check_int("proj_dim", proj_dim, minimum=1)
+        hidden = check_int("hidden", hidden, minimum=1)
         self.critics = nn.ModuleList(
-            SeparableCritic(ds, dt, proj_dim, hidden) for ds, dt in zip(student_dims, teacher_dims)
+            SeparableCritic(ds, dt, proj_dim, hidden) for ds, dt in self.dims
         )
 
     def estimates(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]):
-        if len(student_feats) != len(self.critics) or len(teacher_feats) != len(self.critics):
-            raise ValueError(f"expected {len(self.critics)} student and teacher features")
+        """The MI estimate of each feature pair (nats for ``'infonce'``)."""
+        pairs = len(self.critics)
+        for name, feats in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
+            if isinstance(feats, Tensor) or not isinstance(feats, Sequence):
+                raise TypeError(
+                    f"{name} must be a sequence of tensors, one per feature pair, got "
+                    f"{type(feats).__name__}"
+                )
+        if len(student_feats) != pairs or len(teacher_feats) != pairs:
+            raise ValueError(
+                f"expected {pairs} student and teacher features, got {len(student_feats)} and "
+                f"{len(teacher_feats)}"
+            )
         out = []
-        for critic, s, t in zip(self.critics, student_feats, teacher_feats):
+        for k, (critic, s, t) in enumerate(zip(self.critics, student_feats, teacher_feats)):
+            _check_pair(k, s, t, self.dims[k])
             fs, gt = critic.embed(s, t.detach())
             if self.estimator == "jsd":
                 out.append(jsd_estimate(fs, gt, critic.scale))

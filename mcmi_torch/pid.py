@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._args import check_int
 from ._imports import import_extra
 
 np = import_extra("numpy", "pid")
@@ -135,6 +136,8 @@ def discretize(features, *, n_components: int = 10, n_clusters: int = 8, seed: i
     PCA = import_extra("sklearn.decomposition", "pid").PCA
     StandardScaler = import_extra("sklearn.preprocessing", "pid").StandardScaler
 
+    n_components = check_int("n_components", n_components, minimum=1)
+    n_clusters = check_int("n_clusters", n_clusters, minimum=1)
     x = np.asarray(_to_numpy(features), dtype=np.float64).reshape(len(features), -1)
     x = StandardScaler().fit_transform(x)
     k = min(n_components, x.shape[1], x.shape[0])
@@ -155,14 +158,39 @@ def representation_pid(
     student representations of the same samples (``[N, ...]`` arrays or
     tensors): each is discretized by :func:`discretize`, then the plug-in
     joint distribution of (teacher cluster, student cluster, label) is
-    decomposed. Plug-in estimates need N well above
-    ``n_clusters**2 * num_classes`` to be trusted."""
-    y = np.asarray(_to_numpy(labels)).astype(np.int64).ravel()
+    decomposed. ``labels`` are ``[N]`` non-negative integer class indices.
+    Plug-in estimates need N well above ``n_clusters**2 * num_classes`` to
+    be trusted."""
+    y = _labels(labels)
+    for name, features in (("teacher", teacher), ("student", student)):
+        if len(features) != len(y):
+            raise ValueError(
+                f"{name} must hold one representation per label: got {len(features)} for "
+                f"{len(y)} labels"
+            )
+    n_clusters = check_int("n_clusters", n_clusters, minimum=1)
+    if len(y) < n_clusters:
+        raise ValueError(f"n_clusters={n_clusters} is more than the {len(y)} samples")
     t = discretize(teacher, n_components=n_components, n_clusters=n_clusters, seed=seed)
     s = discretize(student, n_components=n_components, n_clusters=n_clusters, seed=seed)
     joint = np.zeros((n_clusters, n_clusters, int(y.max()) + 1))
     np.add.at(joint, (t, s, y), 1.0)
     return decompose(joint)
+
+
+def _labels(labels) -> np.ndarray:
+    """``labels`` as an int64 vector of class indices, refused (not wrapped
+    or truncated) when they are not non-negative integers."""
+    y = np.asarray(_to_numpy(labels))
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D [N], got shape {list(y.shape)}")
+    if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise TypeError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if len(y) == 0:
+        raise ValueError("labels is empty: there is nothing to decompose")
+    if y.min() < 0:
+        raise ValueError(f"labels must be non-negative class indices, got {y.min()}")
+    return y.astype(np.int64)
 
 
 def _to_numpy(x):

@@ -3,6 +3,7 @@ device and centroid-mode fixtures."""
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import mcmi_torch
 
@@ -13,8 +14,25 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 CENTROID_MODES = ["fixed", "batch", "ema"]
 
-# Relative error bounds against a float64 reference (docs/math.md, "Precision").
+#: Hypothesis strategies of a small float64 problem for random_problem:
+#: one row, one column, every row ignored, either centroid source.
+SMALL_PROBLEMS = dict(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 6),
+    temperature=st.sampled_from([0.3, 1.0, 4.0]),
+    ignore=st.sampled_from([0.0, 0.5, 1.0]),
+    batch=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+
+# Relative error bounds against a float64 reference, measured against the
+# largest entry (assert_close_rel): losses with their CE term, gradients, sums.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+#: The promise of docs/math.md ("Precision") for the KL of a row against the
+#: float64 reference: |error| <= rtol * |KL| + atol.
+KL_BOUND = {torch.float32: (1e-5, 1e-9), torch.float64: (1e-10, 1e-15)}
 
 
 def random_problem(rows, cols, classes=None, *, dtype=torch.float32, scale=3.0, ignore=0.1, seed=0):
@@ -44,6 +62,25 @@ def assert_close_rel(actual, expected, rtol, what="", floor=1.0):
     scale = expected.abs().max().clamp_min(floor)
     err = ((actual - expected).abs().max() / scale).item()
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
+
+
+def assert_kl_bound(got, want, dtype, *, reduction="none", rows=1, extra=0.0):
+    """The per-row KL bound of docs/math.md (``KL_BOUND[dtype]``, plus an
+    absolute ``extra``) on per-row values; on a mean it bounds the mean of
+    the rows' errors, on a sum of ``rows`` rows their sum."""
+    rtol, atol = KL_BOUND[dtype]
+    atol += extra
+    if reduction == "sum":
+        atol *= max(rows, 1)
+    err = (got.detach().double() - want.detach().double()).abs()
+    bound = rtol * want.detach().double().abs() + atol
+    if err.numel() == 0:
+        return
+    worst = (err / bound).argmax()
+    assert (err <= bound).all(), (
+        f"error {err.flatten()[worst].item():.3g} at {want.flatten()[worst].item():.3g} "
+        f"exceeds {rtol:g} * |value| + {atol:g}"
+    )
 
 
 @pytest.fixture(autouse=True)

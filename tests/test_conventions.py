@@ -66,6 +66,38 @@ def test_weight_and_label_smoothing_match_cross_entropy(reduction, mode, use_wei
     torch.testing.assert_close(z.grad, zr.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["fixed", "batch", "ema"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"weight": True}, {"label_smoothing": 0.1}, {"weight": True, "label_smoothing": 0.1}],
+)
+def test_a_mean_over_no_row_is_zero_with_every_option(mode, options):
+    """No valid row (every label ignored, or an empty batch) gives 0 and a
+    zero gradient with or without weight and label smoothing (where
+    F.cross_entropy gives NaN); so does the CE of a weighted mean whose
+    targets all have weight 0."""
+    _, _, q = random_problem(1, 5)
+    weight = torch.tensor([0.0, 1.0, 2.0, 1.0, 1.0]) if options.get("weight") else None
+    smoothing = options.get("label_smoothing", 0.0)
+    crit = mcmi_torch.MCMILoss(LAM, q if mode == "fixed" else mode, num_classes=5, weight=weight,
+                               label_smoothing=smoothing)  # fmt: skip
+    batches = [torch.full((6,), -100), torch.zeros(0, dtype=torch.int64)]
+    if weight is not None:
+        batches.append(torch.tensor([0, 0, -100]))
+    for target in batches:
+        if target.numel() and target[0] == 0:
+            crit.lam = 0.0  # the rows are valid: only the CE term is empty
+        z = torch.randn(len(target), 5, requires_grad=True)
+        value = crit(z, target)
+        value.backward()
+        assert value.item() == 0.0 and not z.grad.any(), target
+    if weight is not None:  # weights of either sign summing to a non-zero total
+        crit.weight = torch.tensor([-1.0, 0.5, 0.25, 1.0, 1.0])
+        z, target = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+        want = F.cross_entropy(z, target, weight=crit.weight, label_smoothing=smoothing)
+        torch.testing.assert_close(crit(z, target), want)
+
+
 def test_weighted_mean_divides_by_the_weights_and_cmi_stays_unweighted():
     logits, target, q = random_problem(30, 5, dtype=torch.float64, ignore=0.2, seed=4)
     weight = torch.rand(5, dtype=torch.float64) + 0.1
@@ -244,3 +276,8 @@ def test_tuple_models_with_an_output_selector():
         kind = "dict" if logits_first else "list"
         with pytest.raises(TypeError, match=f"output={wrong} picked a {kind} from the model's"):
             mcmi_torch.estimate_centroids(model, loader, 4, progress=False, output=wrong)
+        for bad in (5, "logits", 1.5):
+            for fn in (mcmi_torch.estimate_centroids, mcmi_torch.metrics.teacher_report):
+                with pytest.raises(ValueError, match=rf"output={bad!r} cannot pick the logits "
+                                   r"from the model's tuple \((Index|Type)Error"):  # fmt: skip
+                    fn(model, loader, 4, progress=False, output=bad)

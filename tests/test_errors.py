@@ -228,3 +228,16 @@ def test_ema_update_arguments(problem):
     with pytest.raises(RuntimeError, match=r"target\[1\] is out of range"):
         torch.ops.mcmi.ema_update_(q, seen, logits, target, 1.0, 0.1, -100)
     assert torch.equal(q, before) and not seen.any()  # nothing changed
+
+
+def test_out_of_memory_says_what_and_how_large():
+    """An allocation the device cannot hold names the buffer, its shape and
+    size, instead of the stable ABI's generic 'API call failed'."""
+    target = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"could not allocate the class sums \(\[2147483647, "
+                       r"1048576\] float32, 8\.39e\+06 GiB\) on cpu: out of memory"):  # fmt: skip
+        mcmi_torch.class_sums(torch.randn(4, 1 << 20), target, (1 << 31) - 1)
+    rows = 1 << 40
+    logits = torch.randn(1, 3).expand(rows, 3)  # no memory of its own
+    with pytest.raises(RuntimeError, match=rf"could not allocate the loss \(\[{rows}\] float32"):
+        mcmi_torch.cmi(logits, torch.zeros(1, dtype=torch.int64).expand(rows), reduction="none")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_criterion, random_problem
+from conftest import SMALL_PROBLEMS, make_criterion, random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
@@ -62,15 +62,7 @@ def test_hessian_vector_product_matches_reference(centroid_mode, reduction):
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    rows=st.integers(1, 9),
-    cols=st.integers(1, 6),
-    temperature=st.sampled_from([0.3, 1.0, 4.0]),
-    ignore=st.sampled_from([0.0, 0.5, 1.0]),
-    batch=st.booleans(),
-    reduction=st.sampled_from(REDUCTIONS),
-    seed=st.integers(0, 2**16),
-)
+@given(**SMALL_PROBLEMS)
 def test_random_hessian_vector_products(rows, cols, temperature, ignore, batch, reduction, seed):
     """Random shapes, including one column, one row and batches with every
     row ignored, against autograd through the reference."""
@@ -422,3 +414,32 @@ def test_compile_dynamic_shapes_without_recompiles(mode):
         if mode == "ema":
             assert torch.equal(eager.centroids, compiled_crit.centroids)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------- TorchScript and torch.export
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 5)
+        self.crit = mcmi_torch.MCMILoss(0.3)
+
+    def forward(self, x, y):
+        return self.crit(self.lin(x), y)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+def test_torchscript_is_refused_clearly_and_export_works():
+    x, y = torch.randn(8, 4), torch.randint(0, 5, (8,))
+    attempts = {
+        "script a criterion": lambda: torch.jit.script(mcmi_torch.MCMILoss()),
+        "script a model": lambda: torch.jit.script(_Model()),
+        "trace a model": lambda: torch.jit.trace(_Model(), (x, y)),
+        "trace cmi": lambda: torch.jit.trace(lambda z: mcmi_torch.cmi(z, y), (torch.randn(8, 5),)),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(RuntimeError, match=r"does not support TorchScript.*torch\.compile"):
+            attempt()
+            pytest.fail(what)
+    model = _Model()
+    exported = torch.export.export(model, (x, y)).module()
+    torch.testing.assert_close(exported(x, y), model(x, y))

@@ -79,3 +79,26 @@ def test_representation_pid_copying_student_holds_only_redundancy():
     noise = representation_pid(teacher, rng.normal(size=(n, k)), y, n_components=4, n_clusters=4)
     assert noise.redundant < 0.1 and noise.unique_teacher > 1.5
     assert discretize(teacher, n_components=2, n_clusters=3).max() == 2
+
+
+def test_representation_pid_refuses_bad_labels_and_mismatched_lengths():
+    """A negative label is refused, not counted as the highest class (numpy's
+    wrap-around); so are float labels, and representations of another N."""
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(60, 3))
+    y = rng.integers(0, 3, 60)
+    kw = dict(n_components=2, n_clusters=3)
+    for bad, error, message in [
+        (np.where(np.arange(60) == 5, -1, y), ValueError, "non-negative class indices, got -1"),
+        (y + 0.5, TypeError, "integer class indices, got dtype float64"),
+        (y[:, None], ValueError, r"1-D \[N\]"),
+        (y[:0], ValueError, "empty"),
+    ]:
+        with pytest.raises(error, match=message):
+            representation_pid(teacher, teacher, bad, **kw)
+    with pytest.raises(ValueError, match="student must hold one representation per label: got 59"):
+        representation_pid(teacher, teacher[:59], y, **kw)
+    with pytest.raises(ValueError, match="n_clusters=100 is more than the 60 samples"):
+        representation_pid(teacher, teacher, y, n_components=2, n_clusters=100)
+    with pytest.raises(TypeError, match="n_clusters must be an int"):
+        representation_pid(teacher, teacher, y, n_components=2, n_clusters=2.5)
