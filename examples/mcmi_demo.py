@@ -499,9 +499,20 @@ def per_class_markdown(results, args, k) -> str:
     return table(["teacher", *map(str, range(k)), "mean"], lines)
 
 
+def tick(row) -> str:
+    """A short x-axis label for a teacher's row."""
+    source = row["source"]
+    if source == label("ts"):
+        return "λ 0 + TS"
+    if source.startswith("lambda"):
+        return f"λ {source.split()[1]}\nCMI {row['teacher_cmi']:.2f}"
+    return source.replace("label smoothing", "LS")
+
+
 def plot(rows, path: pathlib.Path, title: str) -> None:
     """Teacher and student accuracy (and, with a known posterior, the KL to it)
-    for every teacher, one column each on the x axis."""
+    for every teacher, one column each: the lambdas joined by a line, then the
+    baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,14 +520,9 @@ def plot(rows, path: pathlib.Path, title: str) -> None:
 
     teachers = rows[2:]
     known = "teacher_kl" in teachers[0]
+    sweep = sum(r["source"].startswith("lambda ") and r["source"] != label("ts") for r in teachers)
     fig, axes = plt.subplots(1, 3 if known else 2, figsize=(15 if known else 11, 4.6))
-    xs = range(len(teachers))
-    ticks = [
-        r["source"].replace("lambda ", "λ ").replace("label smoothing", "LS")
-        .replace("λ 0.0, temperature-scaled", "λ 0 + TS")
-        + (f"\nCMI {r['teacher_cmi']:.2f}" if r["source"].startswith("lambda") else "")
-        for r in teachers
-    ]  # fmt: skip
+    xs = list(range(len(teachers)))
     panels = [("teacher", "teacher_accuracy", axes[0])] + [
         (f"student, {g}", f"{g}_acc", axes[1]) for g in REGIMES
     ]
@@ -525,20 +531,23 @@ def plot(rows, path: pathlib.Path, title: str) -> None:
     for name, key, ax in panels:
         scale = 1.0 if key == "teacher_kl" else 100.0
         ys = [scale * r[key] for r in teachers]
-        (line,) = ax.plot(xs, ys, "o-", alpha=0.7, label=name)
-        for x, r in zip(xs, teachers):
+        (line,) = ax.plot(xs[:sweep], ys[:sweep], "o-", alpha=0.7, label=name)
+        ax.plot(xs[sweep:], ys[sweep:], "s", color=line.get_color(), alpha=0.7)
+        for x, y, r in zip(xs, ys, teachers):
             if r.get("collapsed_seeds"):
-                ax.plot(x, scale * r[key], "x", color="black", ms=9)
+                ax.plot(x, y, "x", color="black", ms=9)
         ax.axhline(scale * rows[1][key], color=line.get_color(), ls=":", lw=1)
     axes[0].set_ylabel("teacher test accuracy (%)")
     axes[1].set_ylabel("student test accuracy (%)")
     if known:
         axes[2].set_ylabel("mean KL(p* || teacher) on test (nats)")
     for ax in axes:
-        ax.set_xticks(list(xs), ticks, fontsize=7, rotation=45, ha="right")
+        ax.set_xticks(xs, [tick(r) for r in teachers], fontsize=7, rotation=45, ha="right")
+        ax.axvline(sweep - 0.5, color="grey", lw=0.5)
         ax.legend(fontsize=8)
     fig.suptitle(
-        title + "  (dotted: the teacher that was not fine-tuned; black x: collapsed in a seed)",
+        title + "  (circles: MCMI lambdas; squares: baselines; dotted: the teacher that was "
+        "not fine-tuned; black x: collapsed in a seed)",
         fontsize=9,
     )
     fig.tight_layout()
