@@ -244,6 +244,7 @@ def teacher_names(args) -> list[str]:
 
 
 def label(name: str) -> str:
+    """How the reports name a student source (a result key, or "none")."""
     if name == "none":
         return "no teacher"
     if name == "base":
@@ -260,9 +261,8 @@ def run_seed(seed: int, task: tasks.Task, args) -> dict:
     start = time.perf_counter()
 
     def log(message):
-        if args.workers:
-            print(f"  {task.name} seed {seed}: {message} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)  # fmt: skip
+        seconds = time.perf_counter() - start
+        print(f"  {task.name} seed {seed}: {message} ({seconds:.0f} s)", flush=True)
 
     k = task.num_classes
     tr, va, te = tasks.split(task.y, seed)
@@ -675,7 +675,10 @@ def main(argv=None) -> dict[str, list[dict]]:
             done[task.name][result["seed"]] = result
             count = sum(map(len, done.values()))
             seconds = time.perf_counter() - start
-            print(f"{task.name} seed {result['seed']} done ({count}/{len(jobs)}, {seconds:.0f} s)")
+            print(
+                f"{task.name} seed {result['seed']} done ({count}/{len(jobs)}, {seconds:.0f} s)",
+                flush=True,
+            )
     elapsed = time.perf_counter() - start
     print(f"\nall {len(jobs)} seeds in {elapsed:.0f} s ({args.workers or 1} worker(s))\n")
     out = {}
