@@ -1,4 +1,5 @@
-"""The demo's tasks (no download): scikit-learn's 8x8 digits and MNIST-1D.
+"""The demo's tasks (no download): scikit-learn's 8x8 digits, MNIST-1D, and a
+Gaussian mixture whose Bayes posterior is known exactly.
 
 MNIST-1D (Greydanus and Kobak, 2020; the ``mnist1d`` package, Apache-2.0) draws
 40-sample 1-D signals from ten digit-like templates with random padding,
@@ -6,11 +7,15 @@ translation, scaling, shear and correlated noise, so that classes overlap: a sma
 MLP stays far below 100% test accuracy, unlike on the 8x8 digits. The package
 generates the data locally (``make_dataset``; its ``get_dataset`` would download),
 and the arrays are cached under the output folder.
+
+The Gaussian mixture is drawn by torch in float64 from a fixed seed and rounded
+to float32 once, so that it is the same on every machine.
 """
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +27,8 @@ from torch import Tensor
 class Task:
     """Inputs ``x`` (``[N, 8, 8]`` images or ``[N, 40]`` signals), labels ``y``,
     the augmentation's largest shift along each spatial axis, and the widths of
-    the teacher's and the student's hidden layers."""
+    the teacher's and the student's hidden layers; for synthetic data, the exact
+    posterior ``p*(y | x)`` as a function of a batch of inputs."""
 
     name: str
     x: Tensor
@@ -31,6 +37,40 @@ class Task:
     shift: int
     teacher_hidden: tuple[int, ...]
     student_hidden: int
+    posterior: Callable[[Tensor], Tensor] | None = None
+
+
+class MixturePosterior:
+    """``p*(y | x)`` of equally likely classes, class ``c`` an equal-weight
+    mixture of isotropic Gaussians ``N(means[c, m], sigma^2 I)``: a softmax over
+    classes of ``logsumexp_m -|x - means[c, m]|^2 / (2 sigma^2)``, in float64."""
+
+    def __init__(self, means: Tensor, sigma: float):
+        self.means, self.sigma = means.double(), sigma
+
+    def __call__(self, x: Tensor) -> Tensor:
+        k, m, d = self.means.shape
+        sq = torch.cdist(x.double().reshape(-1, d), self.means.view(k * m, d)) ** 2
+        scores = torch.logsumexp((-sq / (2 * self.sigma**2)).view(-1, k, m), dim=2)
+        return torch.softmax(scores, dim=1)
+
+
+def gaussian_mixture(
+    num_samples: int = 4000, classes: int = 10, components: int = 3, dim: int = 8,
+    sigma: float = 1.0, spread: float = 1.15, seed: int = 0,
+) -> Task:  # fmt: skip
+    """``num_samples`` points in ``dim`` dimensions, the same number per class,
+    each class a mixture of ``components`` Gaussians of standard deviation
+    ``sigma`` around means drawn from ``N(0, spread^2 I)`` (so classes overlap
+    and the Bayes accuracy is well below 1). Drawn in float64 by torch's CPU
+    generator, then rounded to float32; the task carries the exact posterior."""
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(classes, components, dim, generator=g, dtype=torch.float64)
+    y = torch.arange(num_samples) % classes
+    which = torch.randint(0, components, (num_samples,), generator=g)
+    noise = torch.randn(num_samples, dim, generator=g, dtype=torch.float64)
+    x = (means[y, which] + sigma * noise).float()
+    return Task("gmm", x, y, classes, 0, (128, 128), 32, MixturePosterior(means, sigma))
 
 
 def digits() -> Task:
@@ -40,7 +80,7 @@ def digits() -> Task:
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    return Task("digits", x, y, 10, 1, (256, 256), 16)
+    return Task("digits", x, y, 10, 1, (128, 128), 16)
 
 
 def mnist1d(cache: pathlib.Path, num_samples: int = 6000) -> Task:
@@ -58,7 +98,7 @@ def mnist1d(cache: pathlib.Path, num_samples: int = 6000) -> Task:
     arrays = np.load(path)
     return Task(
         "mnist1d", torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]), 10, 2,
-        (256, 256), 32,
+        (128, 128), 32,
     )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 fine-tuning, student losses) and the torchdistill hook, on a small model and generated data."""
 
 import csv
+import math
 import os
 import pathlib
 import sys
@@ -23,36 +24,91 @@ import mcmi_demo  # noqa: E402
 import student_losses  # noqa: E402
 import tasks  # noqa: E402
 
+TINY = ["--seeds", "2", "--teacher-epochs", "2", "--finetune-epochs", "2", "--student-epochs", "2",
+        "--few-epochs", "2", "--lambdas", "0", "0.8", "--smoothing", "0.1",
+        "--workers", "0"]  # fmt: skip
+TEACHERS = {"base", "0.0", "0.8", "ls0.1", "ts"}
+SOURCES = ["no teacher", "not fine-tuned", "lambda 0.0", "lambda 0.8", "label smoothing 0.1",
+           "lambda 0, temperature-scaled"]  # fmt: skip
+
 
 def test_demo_runs_at_tiny_size(tmp_path, capsys):
-    lambdas = ["0", "0.8"]
-    results = mcmi_demo.main(
-        ["--task", "digits", "--seeds", "2", "--teacher-epochs", "2", "--finetune-epochs", "2",
-         "--student-epochs", "2", "--few-epochs", "2", "--lambdas", *lambdas, "--workers", "1",
-         "--out", str(tmp_path)]
-    )  # fmt: skip
+    results = mcmi_demo.main(["--task", "digits", *TINY, "--out", str(tmp_path)])["digits"]
     assert [r["seed"] for r in results] == [0, 1]
     for r in results:
-        assert set(r["teachers"]) == {"base", "0.0", "0.8"}
-        assert set(r["students"]) == {"none", "base", "0.0", "0.8"}
+        assert set(r["teachers"]) == TEACHERS
+        assert set(r["students"]) == {"none", *TEACHERS}
         for student in r["students"].values():
             assert len(student["zero-shot"]) == 10
             accs = [student["full"], student["few-shot"], *student["zero-shot"]]
             assert all(0.0 <= a <= 1.0 for a in accs)
         assert r["teachers"]["0.8"]["cmi"] >= 0.0
+        assert r["teachers"]["0.8"]["kl"] is None and r["bayes_accuracy"] is None
+        assert 0.05 <= r["teachers"]["ts"]["temperature"] <= 20.0
         train_labels = tasks.digits().y[tasks.split(tasks.digits().y, r["seed"])[0]]
         per_class = torch.bincount(train_labels).tolist()
         assert r["fewshot_samples"] == sum(round(0.05 * n) for n in per_class)  # 5% per class
     with open(tmp_path / "mcmi_demo_digits.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [row["source"] for row in rows] == [
-        "no teacher", "not fine-tuned", "lambda 0.0", "lambda 0.8"
-    ]  # fmt: skip
+    assert [row["source"] for row in rows] == SOURCES
     control = rows[2]
     assert float(control["full_diff"]) == 0.0 and float(control["zero-shot_diff"]) == 0.0
     for suffix in ("md", "json", "png"):
         assert (tmp_path / f"mcmi_demo_digits.{suffix}").stat().st_size > 0
-    assert "(control)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(control)" in out and "collapsed at last epoch" in out
+
+
+def test_demo_reports_the_distance_to_the_known_posterior(tmp_path):
+    results = mcmi_demo.main(
+        ["--task", "gmm", "--gmm-samples", "400", *TINY, "--out", str(tmp_path)]
+    )["gmm"]
+    task = tasks.gaussian_mixture(400)
+    for r in results:
+        test = tasks.split(task.y, r["seed"])[2]
+        p = task.posterior(task.x[test])
+        assert r["bayes_accuracy"] == pytest.approx((p.argmax(1) == task.y[test]).double().mean())
+        for t in r["teachers"].values():
+            assert t["kl"] > 0.0 and 0.0 <= t["bayes_agreement"] <= 1.0
+    with open(tmp_path / "mcmi_demo_gmm.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["source"] for row in rows] == SOURCES
+    assert float(rows[2]["kl_diff"]) == 0.0  # the control against itself
+    kl_diff = [t["kl"] - r["teachers"]["0.0"]["kl"] for r in results for t in [r["teachers"]["ts"]]]
+    assert float(rows[-1]["kl_diff"]) == pytest.approx(sum(kl_diff) / 2)
+
+
+def test_gaussian_mixture_posterior_is_bayes_rule():
+    task = tasks.gaussian_mixture(500, classes=3, components=2, dim=2, seed=1)
+    assert task.x.dtype == torch.float32 and torch.bincount(task.y).tolist() == [167, 167, 166]
+    means, sigma = task.posterior.means, task.posterior.sigma
+    x = task.x[:7].double()
+    density = torch.zeros(7, 3, dtype=torch.float64)  # p(x | c) with equal weights and priors
+    for c in range(3):
+        for m in range(2):
+            sq = ((x - means[c, m]) ** 2).sum(1)
+            density[:, c] += 0.5 * torch.exp(-sq / (2 * sigma**2)) / (2 * math.pi * sigma**2)
+    expected = density / density.sum(1, keepdim=True)
+    torch.testing.assert_close(task.posterior(task.x[:7]), expected, rtol=1e-12, atol=1e-15)
+    again = tasks.gaussian_mixture(500, classes=3, components=2, dim=2, seed=1)
+    assert torch.equal(again.x, task.x)
+
+
+def test_temperature_fit_minimizes_the_validation_nll():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g)
+    y = (x[:, 0] + 0.8 * torch.randn(300, generator=g) > 0).long()
+    model = torch.nn.Linear(5, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-4.0, 0, 0, 0, 0], [4.0, 0, 0, 0, 0]]))  # overconfident
+        model.bias.zero_()
+    t = mcmi_demo.fit_temperature(model, x, y)
+    logits = model(x).detach().double()
+    grid = torch.linspace(0.5, 20, 4000, dtype=torch.float64)
+    nll = torch.stack([F.cross_entropy(logits / s, y) for s in grid])
+    assert t > 1.0 and t == pytest.approx(grid[nll.argmin()].item(), abs=0.01)
+    scaled = mcmi_demo.TemperatureScaled(model, t)
+    torch.testing.assert_close(scaled(x), model(x) / t)
 
 
 def test_paired_difference_is_a_t_interval_over_seeds():

@@ -1,4 +1,7 @@
-"""teacher_report against the definitions, computed the slow way (all pairs)."""
+"""teacher_report against the definitions, computed the slow way (all pairs, one
+sample and one bin at a time)."""
+
+import math
 
 import pytest
 import torch
@@ -53,7 +56,7 @@ def test_ignored_samples_are_left_out_of_every_metric(ignore_index):
     report = teacher_report(model, [(x, y)], 4, **kw)
     want = teacher_report(model, [(x[keep], y[keep])], 4, progress=False)
     assert report.samples == int(keep.sum()) == want.samples
-    for name in ("accuracy", "cmi", "separation", "ncmi"):
+    for name in ("accuracy", "cmi", "separation", "ncmi", "nll", "ece"):
         assert getattr(report, name) == pytest.approx(getattr(want, name), rel=1e-12), name
     assert report.cmi > 0
     with pytest.warns(UserWarning, match=r"no sample of classes \[3\]"):
@@ -61,3 +64,85 @@ def test_ignored_samples_are_left_out_of_every_metric(ignore_index):
     with pytest.warns(UserWarning):
         torch.testing.assert_close(q, estimate_centroids(model, [(x[keep], y[keep])], 4,
                                                          progress=False))  # fmt: skip
+
+
+def direct_calibration(z, y, temperature, bins):
+    """NLL and ECE by their definitions, one sample and one bin at a time."""
+    p = torch.softmax(z.double() / temperature, 1)
+    nll = sum(-math.log(p[i, y[i]].item()) for i in range(len(y))) / len(y)
+    gap = [0.0] * bins
+    for i in range(len(y)):
+        conf, pred = p[i].max(0)
+        b = next(b for b in range(bins) if conf.item() <= (b + 1) / bins)  # ((b-1)/M, b/M]
+        gap[b] += float(pred.item() == y[i].item()) - conf.item()
+    return nll, sum(abs(g) for g in gap) / len(y)
+
+
+@pytest.mark.parametrize("temperature,bins", [(1.0, 15), (0.7, 4)])
+def test_calibration_and_reference_fields_match_their_definitions(temperature, bins):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(83, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (83,), generator=g)
+    y[[5, 40]] = -100  # left out of every field
+    reference = torch.softmax(3 * torch.randn(83, 4, generator=g, dtype=torch.float64), 1)
+    reference[::7, 2] = 0.0  # zero entries: 0 log 0 = 0
+    reference /= reference.sum(1, keepdim=True)
+    rows = {tuple(r.tolist()): p for r, p in zip(x, reference)}
+    model = torch.nn.Linear(3, 4).double()
+    with torch.no_grad():
+        model.weight.mul_(4)  # confident enough to fill several bins
+    loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 83, 16)]
+    report = teacher_report(
+        model, loader, 4, temperature=temperature, progress=False, ece_bins=bins,
+        posterior=lambda inputs: torch.stack([rows[tuple(r.tolist())] for r in inputs]),
+    )  # fmt: skip
+
+    keep = y != -100
+    with torch.no_grad():
+        z = model(x)[keep]
+    nll, ece = direct_calibration(z, y[keep], temperature, bins)
+    p = torch.softmax(z / temperature, 1)
+    kl = [
+        sum(a * math.log(a / b) for a, b in zip(ref.tolist(), row.tolist()) if a > 0)
+        for ref, row in zip(reference[keep], p)
+    ]
+    agree = (p.argmax(1) == reference[keep].argmax(1)).double().mean().item()
+    assert report.samples == 81
+    assert report.nll == pytest.approx(nll, rel=1e-12)
+    assert report.ece == pytest.approx(ece, rel=1e-12, abs=1e-15)
+    assert report.ece > 0.0
+    assert report.kl_to_reference == pytest.approx(sum(kl) / 81, rel=1e-12)
+    assert report.reference_agreement == pytest.approx(agree, abs=1e-15)
+
+
+def test_without_a_posterior_the_reference_fields_are_none():
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    report = teacher_report(torch.nn.Linear(3, 2), [(x, y)], 2, progress=False)
+    assert report.kl_to_reference is None and report.reference_agreement is None
+
+
+def test_a_perfectly_calibrated_model_has_zero_ece_and_the_reference_kl_is_zero_at_itself():
+    # Four samples at confidence 0.75, three of them right: accuracy equals confidence.
+    z = torch.log(torch.tensor([[0.75, 0.25]], dtype=torch.float64)).expand(4, 2)
+    y = torch.tensor([0, 0, 0, 1])
+    report = teacher_report(
+        torch.nn.Identity(), [(z, y)], 2, progress=False,
+        posterior=lambda logits: torch.softmax(logits, 1),
+    )  # fmt: skip
+    assert report.ece == pytest.approx(0.0, abs=1e-15)
+    assert report.kl_to_reference == pytest.approx(0.0, abs=1e-15)
+    assert report.nll == pytest.approx(-(3 * math.log(0.75) + math.log(0.25)) / 4)
+
+
+@pytest.mark.parametrize(
+    "posterior,message",
+    [
+        (lambda x: torch.full((len(x), 3), 1 / 3), "shape"),
+        (lambda x: torch.full((len(x), 2), 0.6), "sum to 1"),
+        (lambda x: torch.tensor([[1.5, -0.5]]).expand(len(x), 2), "negative"),
+    ],
+)
+def test_a_bad_posterior_is_an_error(posterior, message):
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=message):
+        teacher_report(torch.nn.Linear(3, 2), [(x, y)], 2, progress=False, posterior=posterior)
