@@ -9,14 +9,10 @@
 
 static struct PyModuleDef mcmi_cuda_module = {
     PyModuleDef_HEAD_INIT,
-    "_C_cuda",
-    "CUDA kernels of mcmi_torch (torch.ops.mcmi on CUDA tensors).",
-    -1,
-    NULL,
-    NULL,
-    NULL,
-    NULL,
-    NULL};
+    .m_name = "_C_cuda",
+    .m_doc = "CUDA kernels of mcmi_torch (torch.ops.mcmi on CUDA tensors).",
+    .m_size = -1,
+};
 
 PyMODINIT_FUNC PyInit__C_cuda(void) {
   return PyModule_Create(&mcmi_cuda_module);
