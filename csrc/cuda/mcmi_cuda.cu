@@ -87,15 +87,16 @@ template <typename A> struct Scale {
   A k, k2;
 };
 
-template <typename A> __device__ __forceinline__ Scale<A> scale_of(double t);
-template <> __device__ __forceinline__ Scale<float> scale_of<float>(double t) {
+/* Formed on the host, once per call, and passed to the kernels: its double
+ * divisions would cost a call (and spills) in every thread. */
+template <typename A> Scale<A> scale_of(double t);
+template <> Scale<float> scale_of<float>(double t) {
   double k2;
   const double k = mcmi_inv_temperature(t, 3.4028234663852886e38,
                                         1.401298464324817e-45, &k2);
   return Scale<float>{(float)k, (float)k2};
 }
-template <>
-__device__ __forceinline__ Scale<double> scale_of<double>(double t) {
+template <> Scale<double> scale_of<double>(double t) {
   double k2;
   const double k = mcmi_inv_temperature(t, 1.7976931348623157e308,
                                         4.9406564584124654e-324, &k2);
@@ -264,9 +265,9 @@ template <typename A> struct RowSetup {
 
 template <typename A>
 __device__ __forceinline__ RowSetup<A> row_setup(const mcmi_problem &p,
-                                                 bool batch) {
+                                                 bool batch, Scale<A> sc) {
   const int is_log = batch ? 0 : p.log_centroids;
-  return RowSetup<A>{scale_of<A>(p.temperature),
+  return RowSetup<A>{sc,
                      (A)p.floor,
                      is_log,
                      !batch && !is_log,
@@ -285,7 +286,7 @@ __device__ __forceinline__ bool aligned16(const void *x) {
 
 /* Columns [begin, end) of a row of T as a scalar head up to the first
  * 16-byte boundary of z, `vectors` whole 16-byte vectors from `first`, and a
- * scalar tail. */
+ * scalar tail (scale_rows_kernel). */
 struct Span {
   int64_t first, vectors;
 };
@@ -300,58 +301,30 @@ __device__ __forceinline__ Span vector_span(const T *z, int64_t begin,
   return Span{first, (end - first) / V};
 }
 
-/* The centroid entry q[j] as stored, NaN without a centroid row. */
-template <typename A>
-__device__ __forceinline__ A centroid_at(const A *q, int64_t j) {
-  return q ? q[j] : (A)NAN;
-}
-
-/* q[j0 .. j0 + N) into out: 16-byte vectors where q + j0 is aligned, else
- * one at a time; NaN without a centroid row. */
-template <typename A, int N>
-__device__ __forceinline__ void centroid_run(const A *q, int64_t j0,
-                                             A (&out)[N]) {
-  constexpr int per = 16 / sizeof(A);
-  static_assert(N % per == 0, "a run is whole vectors of A");
-  if (q && aligned16(q + j0)) {
-    for (int h = 0; h < N / per; ++h) {
-      const Vec<A> w = ((const Vec<A> *)(q + j0))[h];
-      for (int e = 0; e < per; ++e) {
-        out[h * per + e] = w.v[e];
+/* Calls f(z_j, j) for the columns [begin, end) of row z shared among
+ * `group` threads of which this is `lane`: in 16-byte vectors when z + begin
+ * is 16-byte aligned (then a scalar tail), else one column at a time (a
+ * scalar head and vector loads of the centroid row made ptxas spill in
+ * loss_rows: docs/performance.md). */
+template <typename T, typename F>
+__device__ __forceinline__ void each_column(const T *z, int64_t begin,
+                                            int64_t end, int lane, int group,
+                                            F &&f) {
+  constexpr int V = 16 / sizeof(T);
+  int64_t tail = begin;
+  if (aligned16(z + begin)) {
+    const int64_t nv = (end - begin) / V;
+    const Vec<T> *zv = (const Vec<T> *)(z + begin);
+    for (int64_t k = lane; k < nv; k += group) {
+      const Vec<T> w = zv[k];
+      for (int e = 0; e < V; ++e) {
+        f(load(w.v[e]), begin + k * V + e);
       }
     }
-  } else {
-    for (int e = 0; e < N; ++e) {
-      out[e] = centroid_at(q, j0 + e);
-    }
+    tail = begin + nv * V;
   }
-}
-
-/* Calls f(z_j, q_j, j) for the columns [begin, end) of row z (and centroid
- * row q, which may be NULL) shared among `group` threads of which this is
- * `lane`: a scalar head, then 16-byte vectors of z (and of q where it is
- * aligned too), then a scalar tail (vector_span). */
-template <typename T, typename A, typename F>
-__device__ __forceinline__ void each_column(const T *z, const A *q,
-                                            int64_t begin, int64_t end,
-                                            int lane, int group, F &&f) {
-  constexpr int V = 16 / sizeof(T);
-  const Span sp = vector_span(z, begin, end);
-  for (int64_t j = begin + lane; j < sp.first; j += group) {
-    f(load(z[j]), centroid_at(q, j), j);
-  }
-  const Vec<T> *zv = (const Vec<T> *)(z + sp.first);
-  for (int64_t k = lane; k < sp.vectors; k += group) {
-    const Vec<T> w = zv[k];
-    const int64_t j0 = sp.first + k * V;
-    A qv[V];
-    centroid_run(q, j0, qv);
-    for (int e = 0; e < V; ++e) {
-      f(load(w.v[e]), qv[e], j0 + e);
-    }
-  }
-  for (int64_t j = sp.first + sp.vectors * V + lane; j < end; j += group) {
-    f(load(z[j]), centroid_at(q, j), j);
+  for (int64_t j = tail + lane; j < end; j += group) {
+    f(load(z[j]), j);
   }
 }
 
@@ -362,13 +335,12 @@ template <typename T, typename A>
 __device__ void accumulate_row(const T *z, const RowSetup<A> &su, int64_t begin,
                                int64_t end, int lane, int group,
                                Partial<A> &main, Partial<A> &at_one) {
-  each_column(z, (const A *)nullptr, begin, end, lane, group,
-              [&](A zj, A, int64_t) {
-                push(main, zj, su.sc);
-                if (su.separate) {
-                  push(at_one, zj, unit_scale<A>());
-                }
-              });
+  each_column(z, begin, end, lane, group, [&](A zj, int64_t) {
+    push(main, zj, su.sc);
+    if (su.separate) {
+      push(at_one, zj, unit_scale<A>());
+    }
+  });
 }
 
 /* The KL pass over columns [begin, end) of row z, given the row's maximum
@@ -378,8 +350,8 @@ __device__ KLPart<A> kl_columns(const T *z, const A *q, const RowSetup<A> &su,
                                 A m, A inv_s, int64_t begin, int64_t end,
                                 int lane, int group) {
   KLPart<A> sum{(A)0, 0.0};
-  each_column(z, q, begin, end, lane, group, [&](A zj, A qraw, int64_t) {
-    const A qj = centroid_entry(qraw, su.is_log, su.qfloor);
+  each_column(z, begin, end, lane, group, [&](A zj, int64_t j) {
+    const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
     const A pj = dexp(scaled(zj - m, su.sc)) * inv_s;
     sum.g += kl_term(pj, qj, log_ratio(pj, qj));
     sum.q += (double)qj;
@@ -422,8 +394,7 @@ row_result(const mcmi_problem &p, const T *z, int64_t y, const RowSetup<A> &su,
 
 /* Writes columns [begin, end) of a valid row's gradient,
  * d(loss)/dz_j = kc P_j (x_j - KL) + kce (P1_j - [j == y]),
- * shared as in each_column (vectors where g is aligned with z, else one
- * column at a time). With
+ * shared as in each_column (vectors when z and g are both aligned). With
  * s == 1 the softmax is one-hot to working precision: the true KL gradient
  * of the row is below the rounding error of x - KL at the maximum. */
 template <typename T, typename A>
@@ -437,8 +408,8 @@ __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
       (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
   const A kc = r.s == (A)1 ? (A)0 : (A)(p.cmi_weight / (p.temperature * norm));
   const A kce = (A)(p.ce_weight / norm);
-  const auto grad_of = [&](A zj, A qraw, int64_t j) {
-    const A qj = centroid_entry(qraw, su.is_log, su.qfloor);
+  const auto grad_of = [&](A zj, int64_t j) {
+    const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
     const A pj = dexp(scaled(zj - r.m, su.sc)) * r.inv_s;
     const A p1 = su.separate ? dexp((zj - r.m) - r.ls1) : pj;
     A v = kc * pj * (log_ratio(pj, qj) - r.kl) + kce * p1;
@@ -447,30 +418,23 @@ __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
     }
     return store<T>(r.nan_row ? (A)NAN : v);
   };
-  const Span sp = vector_span(z, begin, end);
-  const bool vectors = aligned16(g + sp.first);
-  const int64_t head_end = vectors ? sp.first : end;
-  for (int64_t j = begin + lane; j < head_end; j += group) {
-    g[j] = grad_of(load(z[j]), centroid_at(q, j), j);
-  }
-  if (!vectors) {
-    return;
-  }
-  const Vec<T> *zv = (const Vec<T> *)(z + sp.first);
-  Vec<T> *gv = (Vec<T> *)(g + sp.first);
-  for (int64_t k = lane; k < sp.vectors; k += group) {
-    const Vec<T> w = zv[k];
-    const int64_t j0 = sp.first + k * V;
-    A qv[V];
-    centroid_run(q, j0, qv);
-    Vec<T> o;
-    for (int e = 0; e < V; ++e) {
-      o.v[e] = grad_of(load(w.v[e]), qv[e], j0 + e);
+  int64_t tail = begin;
+  if (aligned16(z + begin) && aligned16(g + begin)) {
+    const int64_t nv = (end - begin) / V;
+    const Vec<T> *zv = (const Vec<T> *)(z + begin);
+    Vec<T> *gv = (Vec<T> *)(g + begin);
+    for (int64_t k = lane; k < nv; k += group) {
+      const Vec<T> w = zv[k];
+      Vec<T> o;
+      for (int e = 0; e < V; ++e) {
+        o.v[e] = grad_of(load(w.v[e]), begin + k * V + e);
+      }
+      gv[k] = o;
     }
-    gv[k] = o;
+    tail = begin + nv * V;
   }
-  for (int64_t j = sp.first + sp.vectors * V + lane; j < end; j += group) {
-    g[j] = grad_of(load(z[j]), centroid_at(q, j), j);
+  for (int64_t j = tail + lane; j < end; j += group) {
+    g[j] = grad_of(load(z[j]), j);
   }
 }
 
@@ -497,9 +461,10 @@ __device__ void ignored_row(int64_t row, double *row_val, T *rows_out,
  * [slot][cols] with slot_of[class], or NULL for the problem's centroids. */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
-    loss_rows(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
-              const int64_t *slot_of, const int64_t *valid, double *row_val,
-              T *rows_out, int64_t rows_stride, T *grad, int64_t grad_stride) {
+    loss_rows(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
+              const typename AccOf<T>::type *q_batch, const int64_t *slot_of,
+              const int64_t *valid, double *row_val, T *rows_out,
+              int64_t rows_stride, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
   __shared__ KLPart<A> kl_shared[kThreads / kWarp];
@@ -518,7 +483,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const A *q = row_centroids(p, q_batch, slot_of, y);
-  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr, sc);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
   accumulate_row(z, su, 0, p.cols, lane, GROUP, main, at_one);
   main = group_reduce<A, GROUP>(main, su.sc, shared);
@@ -563,8 +528,9 @@ __device__ __forceinline__ SplitChunk split_chunk(const mcmi_problem &p,
  * (main, at_one). */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    split_partials(const mcmi_problem p, bool batch, Split sp,
-                   Partial<typename AccOf<T>::type> *parts) {
+    split_partials(const mcmi_problem p,
+                   const Scale<typename AccOf<T>::type> sc, bool batch,
+                   Split sp, Partial<typename AccOf<T>::type> *parts) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
   const SplitChunk c = split_chunk(p, sp);
@@ -572,7 +538,7 @@ __global__ void __launch_bounds__(kThreads)
     return; /* uniform over the block */
   }
   const T *z = (const T *)p.logits + c.row * p.logits_stride;
-  const RowSetup<A> su = row_setup<A>(p, batch);
+  const RowSetup<A> su = row_setup<A>(p, batch, sc);
   Partial<A> main = empty_partial<A>(), at_one = empty_partial<A>();
   accumulate_row(z, su, c.begin, c.end, (int)threadIdx.x, kThreads, main,
                  at_one);
@@ -589,14 +555,14 @@ __global__ void __launch_bounds__(kThreads)
 /* Pass 2, a thread per row: combines the row's partials in chunk order,
  * into parts[row][0][0..1]. */
 template <typename T>
-__global__ void split_softmax(const mcmi_problem p, Split sp,
+__global__ void split_softmax(const mcmi_problem p,
+                              const Scale<typename AccOf<T>::type> sc, Split sp,
                               Partial<typename AccOf<T>::type> *parts) {
   using A = typename AccOf<T>::type;
   const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (row >= p.rows || p.target[row * p.target_stride] == p.ignore_index) {
     return;
   }
-  const Scale<A> sc = scale_of<A>(p.temperature);
   Partial<A> *mine = parts + row * sp.splits * 2;
   for (int64_t s = 1; s < sp.splits; ++s) {
     mine[0] = combine(mine[0], mine[2 * s], sc);
@@ -607,9 +573,9 @@ __global__ void split_softmax(const mcmi_problem p, Split sp,
 /* Pass 3: block (s, row) forms the KL sums of its chunk, kl_parts[row][s]. */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    split_kl(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
-             const int64_t *slot_of, Split sp,
-             const Partial<typename AccOf<T>::type> *parts,
+    split_kl(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
+             const typename AccOf<T>::type *q_batch, const int64_t *slot_of,
+             Split sp, const Partial<typename AccOf<T>::type> *parts,
              KLPart<typename AccOf<T>::type> *kl_parts) {
   using A = typename AccOf<T>::type;
   __shared__ KLPart<A> kl_shared[kThreads / kWarp];
@@ -619,7 +585,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const T *z = (const T *)p.logits + c.row * p.logits_stride;
   const A *q = row_centroids(p, q_batch, slot_of, c.y);
-  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr, sc);
   const Partial<A> main = parts[c.row * sp.splits * 2];
   const KLPart<A> part = group_sum<A, kThreads>(
       kl_columns(z, q, su, main.m, (A)1 / main.s, c.begin, c.end,
@@ -633,12 +599,13 @@ __global__ void __launch_bounds__(kThreads)
 /* Pass 4, a thread per row: adds the row's KL sums in chunk order into its
  * value (row_val, rows_out) and results[row]. */
 template <typename T>
-__global__ void split_results(const mcmi_problem p, bool batch, Split sp,
-                              const Partial<typename AccOf<T>::type> *parts,
-                              const KLPart<typename AccOf<T>::type> *kl_parts,
-                              RowResult<typename AccOf<T>::type> *results,
-                              double *row_val, T *rows_out,
-                              int64_t rows_stride) {
+__global__ void
+split_results(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
+              bool batch, Split sp,
+              const Partial<typename AccOf<T>::type> *parts,
+              const KLPart<typename AccOf<T>::type> *kl_parts,
+              RowResult<typename AccOf<T>::type> *results, double *row_val,
+              T *rows_out, int64_t rows_stride) {
   using A = typename AccOf<T>::type;
   const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (row >= p.rows) {
@@ -649,7 +616,7 @@ __global__ void split_results(const mcmi_problem p, bool batch, Split sp,
     ignored_row<T>(row, row_val, rows_out, rows_stride, nullptr, 0, 0, 1, true);
     return;
   }
-  const RowSetup<A> su = row_setup<A>(p, batch);
+  const RowSetup<A> su = row_setup<A>(p, batch, sc);
   const KLPart<A> *mine = kl_parts + row * sp.splits;
   KLPart<A> part = mine[0];
   for (int64_t s = 1; s < sp.splits; ++s) {
@@ -670,9 +637,9 @@ __global__ void split_results(const mcmi_problem p, bool batch, Split sp,
 /* Pass 5: block (s, row) writes its chunk of the gradient. */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    split_grad(const mcmi_problem p, const typename AccOf<T>::type *q_batch,
-               const int64_t *slot_of, Split sp,
-               const RowResult<typename AccOf<T>::type> *results,
+    split_grad(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
+               const typename AccOf<T>::type *q_batch, const int64_t *slot_of,
+               Split sp, const RowResult<typename AccOf<T>::type> *results,
                const int64_t *valid, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
   const SplitChunk c = split_chunk(p, sp);
@@ -684,7 +651,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const A *q = row_centroids(p, q_batch, slot_of, c.y);
-  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr);
+  const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr, sc);
   write_grad(p, z, q, c.y, su, results[c.row], valid, g, c.begin, c.end,
              (int)threadIdx.x, kThreads);
 }
@@ -791,8 +758,8 @@ __global__ void reduce_rows(const double *row_val, int64_t rows,
  * (z - m)/T - log s) or 1/s (its softmax is e^{(z - m)/T} / s). */
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
-    row_stats(const mcmi_problem p, int log_probs, double *row_m,
-              double *row_norm) {
+    row_stats(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
+              int log_probs, double *row_m, double *row_norm) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
   const int64_t row =
@@ -801,7 +768,6 @@ __global__ void __launch_bounds__(kThreads)
     return; /* uniform over the group */
   }
   const T *z = (const T *)p.logits + row * p.logits_stride;
-  const Scale<A> sc = scale_of<A>(p.temperature);
   Partial<A> part = empty_partial<A>();
   for (int64_t j = threadIdx.x % GROUP; j < p.cols; j += GROUP) {
     push(part, load(z[j]), sc);
@@ -996,14 +962,14 @@ constexpr unsigned kMaxGridY = 65535;
  * Column tiles beyond grid.y are taken in a strided loop. */
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    slot_sums(const mcmi_problem p, const double *row_m, const double *row_norm,
-              Slots sl, const int64_t *order, int log_probs, int mean,
-              int by_class, typename AccOf<T>::type *out, int64_t out_stride) {
+    slot_sums(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
+              const double *row_m, const double *row_norm, Slots sl,
+              const int64_t *order, int log_probs, int mean, int by_class,
+              typename AccOf<T>::type *out, int64_t out_stride) {
   using A = typename AccOf<T>::type;
   constexpr int warps = kThreads / kWarp;
   __shared__ double part[warps][kSumCols];
   const int lane = (int)(threadIdx.x % kWarp), w = (int)(threadIdx.x / kWarp);
-  const Scale<A> sc = scale_of<A>(p.temperature);
   /* Slots beyond the grid are taken in a strided loop (uniform over the
    * block, as are the tiles). */
   for (int64_t s = blockIdx.x; s < *sl.used; s += gridDim.x) {
@@ -1269,10 +1235,11 @@ void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
   double *row_m = (double *)(ws + l.row_m),
          *row_norm = (double *)(ws + l.row_norm);
   const Slots sl = slots_in(l, ws);
+  const auto sc = scale_of<typename AccOf<T>::type>(p.temperature);
   const unsigned row_blocks =
       (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
   row_stats<T, GROUP>
-      <<<row_blocks, kThreads, 0, s>>>(p, log_probs, row_m, row_norm);
+      <<<row_blocks, kThreads, 0, s>>>(p, sc, log_probs, row_m, row_norm);
   count_classes<<<blocks_for(p.rows), kThreads, 0, s>>>(p, counts);
   const unsigned class_blocks = blocks_for(p.classes);
   int64_t *totals = (int64_t *)(ws + l.class_totals);
@@ -1294,8 +1261,8 @@ void slot_sums_into(const mcmi_problem &p, const Layout &l, char *ws,
   const dim3 grid(slot_blocks(p),
                   grid_y_for((p.cols + kSumCols - 1) / kSumCols));
   slot_sums<T><<<grid, kThreads, 0, s>>>(
-      p, row_m, row_norm, sl, (const int64_t *)(ws + l.order), log_probs, mean,
-      by_class, out, out_stride);
+      p, sc, row_m, row_norm, sl, (const int64_t *)(ws + l.order), log_probs,
+      mean, by_class, out, out_stride);
 }
 
 template <typename T, int GROUP>
@@ -1304,6 +1271,7 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
   using A = typename AccOf<T>::type;
   const bool batch = p.centroids == nullptr;
   const Layout l = make_layout(&p, batch);
+  const Scale<A> sc = scale_of<A>(p.temperature);
   int64_t *valid = (int64_t *)(ws + l.valid);
   double *row_val = (double *)(ws + l.row_val);
   A *means = batch ? (A *)(ws + l.means) : nullptr;
@@ -1326,23 +1294,24 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
       KLPart<A> *kl_parts = (KLPart<A> *)(ws + l.kl_parts);
       RowResult<A> *results = (RowResult<A> *)(ws + l.results);
       const dim3 grid((unsigned)sp.splits, (unsigned)p.rows);
-      split_partials<T><<<grid, kThreads, 0, s>>>(p, batch, sp, parts);
-      split_softmax<T><<<blocks_for(p.rows), kThreads, 0, s>>>(p, sp, parts);
-      split_kl<T>
-          <<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, parts, kl_parts);
+      split_partials<T><<<grid, kThreads, 0, s>>>(p, sc, batch, sp, parts);
+      split_softmax<T>
+          <<<blocks_for(p.rows), kThreads, 0, s>>>(p, sc, sp, parts);
+      split_kl<T><<<grid, kThreads, 0, s>>>(p, sc, means, slot_of, sp, parts,
+                                            kl_parts);
       split_results<T><<<blocks_for(p.rows), kThreads, 0, s>>>(
-          p, batch, sp, parts, kl_parts, results, row_val, rows_out,
+          p, sc, batch, sp, parts, kl_parts, results, row_val, rows_out,
           loss_stride);
       if (grad) {
-        split_grad<T><<<grid, kThreads, 0, s>>>(p, means, slot_of, sp, results,
-                                                valid, (T *)grad, grad_stride);
+        split_grad<T><<<grid, kThreads, 0, s>>>(
+            p, sc, means, slot_of, sp, results, valid, (T *)grad, grad_stride);
       }
     } else {
       const unsigned blocks =
           (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
       loss_rows<T, GROUP><<<blocks, kThreads, 0, s>>>(
-          p, means, slot_of, valid, row_val, rows_out, loss_stride, (T *)grad,
-          grad_stride);
+          p, sc, means, slot_of, valid, row_val, rows_out, loss_stride,
+          (T *)grad, grad_stride);
     }
   }
   if (!per_row) {
