@@ -744,6 +744,9 @@ int main(int argc, char **argv) {
     check_small_kl(16, 3000, batch); /* a block per row */
     check_small_kl(4, 20000, batch); /* split rows */
   }
+  /* In-batch means of 1024 similar rows a class: summed in double, as on
+   * the CPU (float32 sums of this many rows miss the small KLs). */
+  check_small_kl(4096, 100, 1);
   check_class_sums_and_ema(200, 37, 11, 0, 0);
   check_class_sums_and_ema(600, 20, 1, 0, 1); /* one class, 3 row chunks */
   check_class_sums_and_ema(64, 2000, 100, 0, 0);
