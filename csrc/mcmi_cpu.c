@@ -225,6 +225,11 @@ static int64_t group_rows(const mcmi_problem *p, const loss_layout *lay,
   return nslots;
 }
 
+/* True when slot c of a grouping (group_rows) holds a single row. */
+static inline int single_row_slot(const int64_t *start, int64_t c) {
+  return start[c + 1] - start[c] == 1;
+}
+
 /*
  * The CPU kernels of each logits type: every block defines all the macros
  * mcmi_cpu_kernels.inc reads (it undefines them), so no setting carries

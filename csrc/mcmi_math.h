@@ -31,7 +31,9 @@
  */
 static inline float mcmi_expf(float x) {
   const float lo = -87.33654f, hi = 88.37626f;
-  const float xc = x < lo ? lo : (x > hi ? hi : x);
+  /* Clamped in two steps, each one SIMD max or min that keeps a NaN x. */
+  const float xl = x < lo ? lo : x;
+  const float xc = xl > hi ? hi : xl;
   /* n = round(x / ln 2) by the 1.5 * 2^23 trick; its low bits are n. */
   const float shifter = 12582912.0f;
   const float t = xc * 1.44269504088896341f + shifter;
@@ -49,8 +51,8 @@ static inline float mcmi_expf(float x) {
    * n is in [-126, 127] after the clamp, so the exponent field is valid. */
   const uint32_t biased = (mcmi_f32_bits(t) - 0x4B400000u + 127u) & 0xFFu;
   const float scale = mcmi_f32_from_bits(biased << 23);
-  const float y = p * scale;
-  return x < lo ? 0.0f : (x > hi ? (float)INFINITY : y);
+  const float y = x > hi ? (float)INFINITY : p * scale;
+  return x < lo ? 0.0f : y;
 }
 
 /*

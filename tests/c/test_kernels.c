@@ -933,6 +933,95 @@ static void test_neg_inf_logits(void) {
   }
 }
 
+/* In-batch centroids, classes with a single row: the centroid of such a row
+ * is its own softmax, so its KL is 0 (up to the floor) and its gradient is
+ * that of the CE term alone; rows of classes with several rows keep their
+ * KL; a NaN logit still makes its row NaN. */
+static void test_single_row_classes(void) {
+  const int64_t rows = 40, cols = 600, classes = 60;
+  for (int f32 = 0; f32 < 2; ++f32) {
+    for (int ti = 0; ti < 2; ++ti) {
+      for (int wi = 0; wi < 2; ++wi) {
+        const double t = ti ? 2.5 : 1.0, wce = wi ? 1.0 : 0.0;
+        case_t c = make_case(rows, cols, classes, 2.0);
+        for (int64_t i = 0; i < rows; ++i) {
+          /* Rows 0..29 alone in their class, 30..37 in pairs, 38, 39
+           * ignored. */
+          c.y[i] = i < 30 ? i : i < 38 ? 30 + (i - 30) / 2 : -100;
+        }
+        float *z32 = malloc(sizeof(float) * (size_t)(rows * cols));
+        for (int64_t i = 0; i < rows * cols; ++i) {
+          z32[i] = (float)c.z[i];
+          c.z[i] = z32[i];
+        }
+        double want[40], loss[40];
+        float loss32[40];
+        double *grad = malloc(sizeof(double) * (size_t)(rows * cols));
+        float *grad32 = malloc(sizeof(float) * (size_t)(rows * cols));
+        ref_loss(&c, 1, t, wce, 1.0, MCMI_REDUCTION_NONE, want);
+        mcmi_problem p = problem_f64(&c, 1, t, wce, 1.0, MCMI_REDUCTION_NONE);
+        if (f32) {
+          p.dtype = MCMI_FLOAT32;
+          p.logits = z32;
+        }
+        int64_t bad;
+        CHECK(run_loss(&p, f32 ? (void *)loss32 : (void *)loss,
+                       f32 ? (void *)grad32 : (void *)grad, 2, &bad) == MCMI_OK,
+              "single-row classes: status");
+        const double tol = f32 ? 2e-5 : 1e-10;
+        for (int64_t i = 0; i < rows; ++i) {
+          const double l = f32 ? (double)loss32[i] : loss[i];
+          CHECK(fabs(l - want[i]) <= tol * fabs(want[i]) + cols * 1e-12,
+                "single-row classes row %lld (f32 %d T %g ce %g): %.12g vs "
+                "%.12g",
+                (long long)i, f32, t, wce, l, want[i]);
+          if (i >= 30) {
+            continue;
+          }
+          /* The gradient of the CE term alone: softmax(z) - onehot(y). */
+          double mx = -INFINITY, sum = 0.0, worst = 0.0;
+          const double *zi = c.z + i * cols;
+          for (int64_t j = 0; j < cols; ++j) {
+            mx = fmax(mx, zi[j]);
+          }
+          for (int64_t j = 0; j < cols; ++j) {
+            sum += exp(zi[j] - mx);
+          }
+          for (int64_t j = 0; j < cols; ++j) {
+            const double g =
+                f32 ? (double)grad32[i * cols + j] : grad[i * cols + j];
+            const double ce = exp(zi[j] - mx) / sum - (j == c.y[i] ? 1.0 : 0.0);
+            worst = fmax(worst, fabs(g - wce * ce));
+          }
+          CHECK(worst <= (f32 ? 1e-6 : 1e-14),
+                "single-row class row %lld: gradient off the CE's by %g",
+                (long long)i, worst);
+          if (wce == 0.0) {
+            CHECK(l == 0.0 && worst == 0.0,
+                  "single-row class row %lld: KL %g, gradient %g (want 0)",
+                  (long long)i, l, worst);
+          }
+        }
+        /* A NaN logit in a row alone in its class. */
+        c.z[3 * cols + 7] = NAN;
+        z32[3 * cols + 7] = NAN;
+        CHECK(run_loss(&p, f32 ? (void *)loss32 : (void *)loss,
+                       f32 ? (void *)grad32 : (void *)grad, 2, &bad) == MCMI_OK,
+              "single-row classes, NaN: status");
+        const double l3 = f32 ? (double)loss32[3] : loss[3];
+        const double g3 = f32 ? (double)grad32[3 * cols] : grad[3 * cols];
+        CHECK(isnan(l3) && isnan(g3),
+              "single-row class with a NaN logit: loss %g, gradient %g", l3,
+              g3);
+        free(z32);
+        free(grad);
+        free(grad32);
+        free_case(&c);
+      }
+    }
+  }
+}
+
 int main(void) {
   test_f64();
   test_f32_and_threads();
@@ -947,6 +1036,7 @@ int main(void) {
   test_nonfinite_propagation();
   test_extreme_temperatures();
   test_neg_inf_logits();
+  test_single_row_classes();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures ? 1 : 0;
 }
