@@ -125,7 +125,6 @@ class FixedCentroids(CentroidMode):
             self._revalidate(centroids)
         return centroids
 
-    @torch.no_grad()
     def _revalidate(self, centroids: Tensor) -> None:
         """Validates the fixed centroids again whenever the buffer may have
         changed since the last check: replaced (``.to()``, assignment,
@@ -138,7 +137,8 @@ class FixedCentroids(CentroidMode):
             if self.validated[1] == key:
                 return
         try:
-            check_centroids(centroids)
+            with torch.no_grad():
+                check_centroids(centroids)
         except ValueError as error:
             raise ValueError(f"MCMILoss: the centroids buffer was changed: {error}") from None
         self.validated = (centroids, key)

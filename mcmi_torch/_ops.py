@@ -142,14 +142,13 @@ def needs_tangent(logits: Tensor, functorch: bool) -> bool:
     return has_tangent(logits)
 
 
-def _loss_setup_context(ctx, inputs, output):
-    logits, target, centroids, *args = inputs
-    _, grad = output
+def _setup(ctx, logits, target, centroids, args: _LossArgs, grad) -> None:
+    """What the backward and the jvp keep of a forward call."""
     ctx.mark_non_differentiable(grad)
     # The kept gradient is an output no one differentiates: without this,
     # autograd would hand backward a zero-filled [B, C] tensor for it.
     ctx.set_materialize_grads(False)
-    ctx.args = _LossArgs(*args)
+    ctx.args = args
     ctx.unit_grad_used = False
     # Centroids are only read again if a second backward recomputes the
     # gradient; held without autograd's version check because 'ema' updates
@@ -158,6 +157,12 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.centroids_version = _version(centroids)
     ctx.save_for_backward(grad, logits, target)
     ctx.save_for_forward(logits, target)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    """setup_context of the op's registered autograd (the op's 12 inputs)."""
+    logits, target, centroids, *args = inputs
+    _setup(ctx, logits, target, centroids, _LossArgs(*args), output[1])
 
 
 def _batch_class_means(probs, labels, valid, num_classes):
@@ -321,14 +326,16 @@ def _recompute(ctx, logits, target):
     return torch.ops.mcmi.loss(logits, target, centroids, *ctx.args[:-1], True)[1]
 
 
-def _loss_backward(ctx, grad_loss, _unused):
+def _logits_grad(ctx, grad_loss):
+    """The gradient with respect to the logits for the upstream gradient
+    ``grad_loss`` of the loss (``None`` for none)."""
     if grad_loss is None:
-        return (None,) * 12
+        return None
     grad, logits, target = ctx.saved_tensors
     tracing = type(grad_loss) is not Tensor
     if torch.is_grad_enabled() and not tracing:
         # create_graph=True: a gradient autograd can differentiate again.
-        return (_graph_grad(ctx, logits, target, grad_loss),) + (None,) * 11
+        return _graph_grad(ctx, logits, target, grad_loss)
     if not ctx.args.with_grad or (ctx.unit_grad_used and not tracing):
         # No gradient was kept, or a previous backward consumed it.
         grad = _recompute(ctx, logits, target)
@@ -343,7 +350,12 @@ def _loss_backward(ctx, grad_loss, _unused):
         # In-batch centroids with per-row outputs: the path through the
         # centroids no longer cancels (docs/math.md, "The gradient").
         grad = grad + _batch_centroid_path(logits, target, grad_loss, ctx.args).to(grad.dtype)
-    return (grad,) + (None,) * 11
+    return grad
+
+
+def _loss_backward(ctx, grad_loss, _unused):
+    """backward of the op's registered autograd (the op's 12 inputs)."""
+    return (_logits_grad(ctx, grad_loss),) + (None,) * 11
 
 
 torch.library.register_autograd("mcmi::loss", _loss_backward, setup_context=_loss_setup_context)
@@ -355,22 +367,27 @@ _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nul
 
 
 class _EagerLoss(torch.autograd.Function):
-    """The registered autograd formula of mcmi::loss (same setup_context and
-    backward) as a plain autograd.Function: in eager mode it costs a fraction
+    """The registered autograd formula of mcmi::loss (same setup and
+    gradient) as a plain autograd.Function: in eager mode it costs a fraction
     of torch.library's per-call autograd wrapper. Traced calls use the op.
+    Its inputs are the op's three tensors and a ``_LossArgs`` of the rest
+    (every input costs autograd time per call).
 
     The op is dispatched below the autograd key (as torch.library does inside
     its own wrapper), straight to the kernel rather than through its Python
     autograd registration."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, logits, target, centroids, args):
         with _below_autograd():
-            output = torch.ops.mcmi.loss.default(*args)
-        _loss_setup_context(ctx, args, output)
+            output = torch.ops.mcmi.loss.default(logits, target, centroids, *args)
+        _setup(ctx, logits, target, centroids, args, output[1])
         return output
 
-    backward = staticmethod(_loss_backward)
+    @staticmethod
+    def backward(ctx, grad_loss, _unused):
+        return _logits_grad(ctx, grad_loss), None, None, None
+
     jvp = staticmethod(_loss_jvp)
 
 
@@ -390,23 +407,30 @@ class _FuncLoss(torch.autograd.Function):
     ``vmap``) require; slower per call, so used only under them."""
 
     @staticmethod
-    def forward(*args):
+    def forward(logits, target, centroids, args):
         with _below_autograd():
-            return torch.ops.mcmi.loss.default(*args)
+            return torch.ops.mcmi.loss.default(logits, target, centroids, *args)
 
-    setup_context = staticmethod(_loss_setup_context)
-    backward = staticmethod(_loss_backward)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, *inputs, output[1])
+
+    backward = staticmethod(_EagerLoss.backward)
     jvp = staticmethod(_loss_jvp)
 
     @staticmethod
     def vmap(info, in_dims, *args):
         """Under ``vmap`` (``jacfwd``, per-sample gradients): one call per
-        batch entry of the batched inputs, results stacked along dim 0."""
-        if all(dim is None for dim in in_dims):
+        batch entry of the batched tensors, results stacked along dim 0.
+        (Only tensors are batched; the ``_LossArgs`` get no int dim.)"""
+        if not any(isinstance(dim, int) for dim in in_dims):
             return _FuncLoss.apply(*args), (None, None)
         outputs = [
             _FuncLoss.apply(
-                *(arg if dim is None else arg.select(dim, index) for arg, dim in zip(args, in_dims))
+                *(
+                    arg.select(dim, index) if isinstance(dim, int) else arg
+                    for arg, dim in zip(args, in_dims)
+                )
             )
             for index in range(info.batch_size)
         ]

@@ -164,10 +164,7 @@ def loss(
     # whose jvp carries the tangent.
     tangent = _ops.needs_tangent(logits, functorch)
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    args = (
-        logits,
-        target,
-        centroids,
+    args = _ops._LossArgs(
         bool(log_centroids),
         _args.check_int("num_classes", num_classes),
         temperature,
@@ -179,10 +176,9 @@ def loss(
         with_grad,
     )
     if tangent or (with_grad and not torch.compiler.is_compiling()):
-        if functorch:
-            return _ops._FuncLoss.apply(*args)[0]
-        return _ops._EagerLoss.apply(*args)[0]
-    return torch.ops.mcmi.loss.default(*args)[0]
+        function = _ops._FuncLoss if functorch else _ops._EagerLoss
+        return function.apply(logits, target, centroids, args)[0]
+    return torch.ops.mcmi.loss.default(logits, target, centroids, *args)[0]
 
 
 def class_sums(
