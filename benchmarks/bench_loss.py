@@ -37,6 +37,8 @@ import torch.nn.functional as F
 import mcmi_torch
 
 LAM = 0.25
+# Shapes of the floor analysis: a mid shape that stays in cache, a large one that does not.
+FLOOR_SHAPES = [(256, 1000), (4096, 8192)]
 MAIN_SHAPES = [(64, 100), (256, 1000), (4096, 8192)]
 SWEEP_BATCH = 256
 SWEEP_CLASSES = [10, 32, 100, 316, 1000, 3162, 10000, 32768]
@@ -177,6 +179,64 @@ def inputs(rows, cols, device, seed=0, classes=None, dtype=torch.float32):
     return z, y, q
 
 
+# ---------------------------------------------------------------- floor
+def kernel_call(z, y, q):
+    """The fused op alone (loss and gradient, fixed centroids), below autograd."""
+    below = mcmi_torch._ops._below_autograd
+    op = torch.ops.mcmi.loss.default
+    args = (False, q.shape[0], 1.0, 1.0, -LAM, mcmi_torch.CENTROID_FLOOR, -100, 1, True)
+
+    def call():
+        with below():
+            op(z, y, q, *args)
+
+    return call
+
+
+def floor_row(rows, cols, device, budget, bandwidth) -> dict:
+    """Where the fused kernel stands against its two floors at one shape: the bytes it
+    must move (read z and the used rows of Q, write the gradient) at the copy bandwidth
+    of this run, and the transcendental arithmetic it must do (an exp and a log per
+    element), timed as torch's own vectorized exp and log over a logits-sized tensor
+    into a preallocated output. Medians of single calls, in this process."""
+    z, y, q = inputs(rows, cols, device)
+    z = z.detach()
+    out = torch.empty_like(z)
+    positive = z.exp()
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        sync(device)
+        times = []
+        start = time.perf_counter()
+        while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 2000):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    kernel = timed(kernel_call(z, y, q))
+    exp = timed(lambda: torch.exp(z, out=out))
+    log = timed(lambda: torch.log(positive, out=out))
+    copy = timed(lambda: out.copy_(z))
+    elem = z.element_size()
+    must_move = rows * cols * (elem + q.element_size() + elem)
+    memory = must_move / bandwidth
+    return {
+        "rows": rows,
+        "cols": cols,
+        "kernel_ms": 1e3 * kernel,
+        "exp_ms": 1e3 * exp,
+        "log_ms": 1e3 * log,
+        "copy_ms": 1e3 * copy,
+        "memory_floor_ms": 1e3 * memory,
+        "exp_log_share": (exp + log) / kernel,
+        "memory_share": memory / kernel,
+    }
+
+
 # ---------------------------------------------------------------- memory
 PEAK_SNIPPET = r"""
 import gc, json, sys, torch
@@ -306,6 +366,18 @@ def main() -> None:
             flush=True,
         )
 
+    floor = []
+    for rows, cols in FLOOR_SHAPES:
+        f = floor_row(rows, cols, device, args.budget, bandwidth)
+        floor.append(f)
+        print(
+            f"floor {rows} x {cols}: kernel {f['kernel_ms']:.3f} ms; exp {f['exp_ms']:.3f} + "
+            f"log {f['log_ms']:.3f} ms = {100 * f['exp_log_share']:.0f}% of it; its bytes at "
+            f"copy bandwidth {f['memory_floor_ms']:.3f} ms = {100 * f['memory_share']:.0f}% "
+            f"(a logits copy {f['copy_ms']:.3f} ms)",
+            flush=True,
+        )
+
     memory = []
     if not args.no_memory:
         rows, cols = MAIN_SHAPES[-1]
@@ -322,7 +394,7 @@ def main() -> None:
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine, "results": rows_out, "memory": memory,
+    result = {"machine": machine, "results": rows_out, "floor": floor, "memory": memory,
               "seconds": time.perf_counter() - started}  # fmt: skip
     tag = device.type
     (args.out / f"bench_{tag}.json").write_text(json.dumps(result, indent=1))
@@ -364,6 +436,19 @@ def markdown(result: dict) -> str:
             f"| {r['compiled_ms']:.3f} | {r['vs_eager']:.2f}x | {r['vs_compiled']:.2f}x "
             f"| {r['ours_GBps']:.1f} | {100 * r['of_copy_bandwidth']:.0f}% |"
         )
+    if result["floor"]:
+        lines += [
+            "",
+            "| floor (fixed, loss + gradient) | kernel (ms) | exp + log (ms) | share "
+            "| bytes at copy bandwidth (ms) | share |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f in result["floor"]:
+            lines.append(
+                f"| {f['rows']} x {f['cols']} | {f['kernel_ms']:.3f} "
+                f"| {f['exp_ms']:.3f} + {f['log_ms']:.3f} | {100 * f['exp_log_share']:.0f}% "
+                f"| {f['memory_floor_ms']:.3f} | {100 * f['memory_share']:.0f}% |"
+            )
     if result["memory"]:
         lines += ["", "| peak extra memory, 4096 x 8192, fixed | MB | logits-sized buffers |",
                   "|---|---|---|"]  # fmt: skip
