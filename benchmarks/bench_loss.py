@@ -8,10 +8,11 @@ same way. Two more columns: F.cross_entropy alone (what every user already pays)
 functional path of the README's first usage line,
     F.cross_entropy(z, y) + lam * mcmi_torch.mcmi(z, y, centroids=Q)
 (fixed and in-batch centroids). All run in this process on the same inputs; the table
-gives medians, ratios (ours / CE and functional / CE: the cost over the cross-entropy;
-baseline time / ours against the eager and compiled formula), the bandwidth ours reaches on
-the bytes that must move
-(read z, read the used rows of Q, write the gradient) against a copy measured in the
+gives medians (the callables of a case take turns, ten calls at a time, so a slow spell of
+the machine falls on all of them), ratios (ours / CE and functional / CE: the cost over
+the cross-entropy; baseline time / ours against the eager and compiled formula), the
+bandwidth ours reaches on the bytes that must move (read z, read the used rows of Q, write
+the gradient) against a copy measured in the
 same run, and the peak extra memory of one forward + backward (fresh subprocesses).
 
     python benchmarks/bench_loss.py                    # CPU, torch's thread count
@@ -132,25 +133,34 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, z, y, device, budget: float) -> float:
-    """Median seconds of forward + backward, after warm-up, within ~budget s."""
+def median_times(impls: dict, z, y, device, budget: float, burst: int = 10) -> dict:
+    """Median seconds of forward + backward of each callable, after warm-up. The
+    callables take turns, ``burst`` timed calls each, for about ``budget`` seconds per
+    callable (at least 5 and at most 2000 calls each), so that a slow spell of a shared
+    machine falls on all of them alike and their ratios hold, while each call still runs
+    warm, right after calls of its own."""
 
-    def step():
+    def step(fn):
         loss = fn(z, y)
         loss.backward()
         z.grad = None
 
-    for _ in range(3):
-        step()
+    for fn in impls.values():
+        for _ in range(3):
+            step(fn)
     sync(device)
-    times = []
+    times = {name: [] for name in impls}
     start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 2000):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    calls = 0
+    while calls < 5 or (time.perf_counter() - start < budget * len(impls) and calls < 2000):
+        for name, fn in impls.items():
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                step(fn)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+        calls += burst
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(device, nbytes: int = 256 << 20) -> float:
@@ -332,7 +342,7 @@ def main() -> None:
         z, y, q = inputs(rows, cols, device)
         impls = make_impls(mode, q, q.shape[0], compiled)
         budget = args.budget if rows * cols < 10**7 else args.budget * 2
-        t = {name: median_time(fn, z, y, device, budget) for name, fn in impls.items()}
+        t = median_times(impls, z, y, device, budget)
         elem = z.element_size()
         must_move = rows * cols * (elem + q.element_size() + elem)
         row = {

@@ -34,7 +34,7 @@ DRY_SWEEP = [(16, 10), (4, 300)]
 def measure(rows, cols, dtype, device, budget, bandwidth, compiled):
     z, y, q = b.inputs(rows, cols, device, classes=min(cols, 1000), dtype=dtype)
     impls = b.make_impls("fixed", q, q.shape[0], compiled)
-    t = {name: b.median_time(fn, z, y, device, budget) for name, fn in impls.items()}
+    t = b.median_times(impls, z, y, device, budget)
     elem = z.element_size()
     must_move = rows * cols * (2 * elem + q.element_size())
     row = {
