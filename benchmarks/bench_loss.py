@@ -14,8 +14,8 @@ the cross-entropy; baseline time / ours against the eager and compiled formula),
 bandwidth ours reaches on the bytes that must move (read z, read the used rows of Q, write
 the gradient) against a copy measured in the same run, the floor at a mid and a large
 shape (the fused kernel against torch's exp + log over the logits and against its bytes at
-the speed of a logits copy), and the peak extra memory of one forward + backward (fresh
-subprocesses).
+the speed of a logits copy), the fixed cost of one call (at 1 x 2), and the peak extra
+memory of one forward + backward (fresh subprocesses).
 
     python benchmarks/bench_loss.py                    # CPU, torch's thread count
     python benchmarks/bench_loss.py --threads 2 --out benchmarks/results
@@ -250,6 +250,57 @@ def floor_row(rows, cols, device, budget) -> dict:
     }
 
 
+# ---------------------------------------------------------------- per-call cost
+class _Nothing(torch.autograd.Function):
+    """A Python autograd.Function that does no work: the floor of any loss written as one."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def per_call_costs(device, budget) -> dict:
+    """Fixed costs of one call, at 1 x 2 (no work to speak of), in microseconds: forward +
+    backward of F.cross_entropy, of MCMILoss (fixed centroids) without and with its
+    collapse guard, and of an autograd.Function that does nothing; and one call of the
+    fused op alone (below autograd) against one call of a torch op (add)."""
+    z, y, q = inputs(1, 2, device)
+    ours = mcmi_torch.MCMILoss(LAM, q)
+    guarded = mcmi_torch.MCMILoss(LAM, q)
+    ours.guard = None
+    fwd_bwd = median_times(
+        {
+            "ce": cross_entropy,
+            "ours": ours,
+            "ours_with_guard": guarded,
+            "nothing_function": lambda z, y: _Nothing.apply(z),
+        },
+        z,
+        y,
+        device,
+        budget,
+    )
+    zd = z.detach()
+    op = kernel_call(zd, y, q)
+
+    def single(fn):
+        for _ in range(100):
+            fn()
+        times = []
+        for _ in range(2000):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    calls = {"op_alone": single(op), "torch_add": single(lambda: torch.add(zd, zd))}
+    return {f"{k}_us": 1e6 * v for k, v in {**fwd_bwd, **calls}.items()}
+
+
 # ---------------------------------------------------------------- memory
 PEAK_SNIPPET = r"""
 import gc, json, sys, torch
@@ -391,6 +442,13 @@ def main() -> None:
             flush=True,
         )
 
+    calls = per_call_costs(device, args.budget)
+    print(
+        "per call at 1 x 2 (us): "
+        + ", ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in calls.items()),
+        flush=True,
+    )
+
     memory = []
     if not args.no_memory:
         rows, cols = MAIN_SHAPES[-1]
@@ -407,8 +465,8 @@ def main() -> None:
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine, "results": rows_out, "floor": floor, "memory": memory,
-              "seconds": time.perf_counter() - started}  # fmt: skip
+    result = {"machine": machine, "results": rows_out, "floor": floor, "per_call": calls,
+              "memory": memory, "seconds": time.perf_counter() - started}  # fmt: skip
     tag = device.type
     (args.out / f"bench_{tag}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"bench_{tag}.md").write_text(markdown(result))
@@ -462,6 +520,17 @@ def markdown(result: dict) -> str:
                 f"| {f['exp_ms']:.3f} + {f['log_ms']:.3f} | {100 * f['exp_log_share']:.0f}% "
                 f"| {f['memory_floor_ms']:.3f} | {100 * f['memory_share']:.0f}% |"
             )
+    if result.get("per_call"):
+        c = result["per_call"]
+        lines += [
+            "",
+            "| per call at 1 x 2 (us) | CE fwd + bwd | MCMILoss fwd + bwd | with the guard "
+            "| a no-op autograd.Function fwd + bwd | the fused op alone | torch.add |",
+            "|---|---|---|---|---|---|---|",
+            f"| | {c['ce_us']:.1f} | {c['ours_us']:.1f} | {c['ours_with_guard_us']:.1f} "
+            f"| {c['nothing_function_us']:.1f} | {c['op_alone_us']:.1f} "
+            f"| {c['torch_add_us']:.1f} |",
+        ]
     if result["memory"]:
         lines += ["", "| peak extra memory, 4096 x 8192, fixed | MB | logits-sized buffers |",
                   "|---|---|---|"]  # fmt: skip

@@ -45,3 +45,16 @@ def test_floor_row_measures_the_kernel_and_its_floors():
 def test_peak_extra_memory_runs_in_a_fresh_process(impl):
     peak = bench_loss.peak_extra_memory(64, 100, impl, "fixed", CPU, threads=1)
     assert isinstance(peak, int) and peak >= 0
+
+
+def test_per_call_costs_are_measured():
+    costs = bench_loss.per_call_costs(CPU, budget=0.01)
+    assert set(costs) == {
+        "ce_us",
+        "ours_us",
+        "ours_with_guard_us",
+        "nothing_function_us",
+        "op_alone_us",
+        "torch_add_us",
+    }
+    assert all(math.isfinite(v) and v > 0 for v in costs.values())
