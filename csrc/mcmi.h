@@ -134,7 +134,8 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
                                 int num_threads, int64_t *bad_index);
 
 /* Bytes of scratch memory mcmi_cpu_ema_update needs with this many
- * threads (at most num_threads * cols doubles, plus O(rows + classes)). */
+ * threads (per thread cols doubles and cols floats, or doubles for float64
+ * logits, plus O(rows + classes)). */
 size_t mcmi_cpu_ema_workspace(const mcmi_problem *p, int num_threads);
 
 /*

@@ -52,8 +52,9 @@ typedef struct {
   size_t row_val;    /* double[rows] */
   size_t row_qsum;   /* double[rows] */
   size_t scratch;    /* per thread: block stats, then ACC_T[cols] (with a
-                        gradient ACC_T[3][cols]) at offset `terms`; at least
-                        double[cols] with in-batch centroids */
+                        gradient ACC_T[3][cols]) at offset `terms`; with
+                        in-batch centroids at least double[cols] (the sum of
+                        a class mean) and ACC_T[cols] after it */
   size_t per_thread; /* bytes of one thread's scratch */
   size_t terms;
   size_t class_map;  /* int64[classes], in-batch centroids only */
@@ -61,9 +62,6 @@ typedef struct {
   size_t order;      /* int64[rows], in-batch centroids only */
   size_t slot_count; /* int64[min(rows, classes) + 1], in-batch only */
   size_t batch_q;    /* ACC_T[min(rows, classes)][cols], in-batch only */
-  /* double[cols] sums of an in-batch mean: at `wide` + t * per_thread for
-   * thread t. */
-  size_t wide;
   size_t total;
 } loss_layout;
 
@@ -135,8 +133,8 @@ static int make_loss_layout(const mcmi_problem *p, int nt, int with_grad,
   const size_t nblocks = cols / MCMI_BLOCK + 1;
   const int batch = p->centroids == NULL;
   size_t per_col = (with_grad ? 3u : 1u) * acc;
-  if (batch && per_col < sizeof(double)) {
-    per_col = sizeof(double);
+  if (batch && per_col < sizeof(double) + acc) {
+    per_col = sizeof(double) + acc;
   }
   layout_cursor c = {0, 1};
   size_t terms_bytes = 0;
@@ -149,7 +147,6 @@ static int make_loss_layout(const mcmi_problem *p, int nt, int with_grad,
   }
   l->scratch = take(&c, (size_t)nt, l->per_thread);
   l->class_map = l->slot = l->order = l->slot_count = l->batch_q = c.at;
-  l->wide = l->scratch + l->terms;
   if (batch) {
     size_t means;
     if (__builtin_mul_overflow(nslots, cols, &means)) {
