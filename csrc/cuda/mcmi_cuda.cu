@@ -253,6 +253,21 @@ row_centroids(const mcmi_problem &p, const A *q_batch, const int64_t *slot_of,
                  : (const A *)p.centroids + y * p.centroids_stride;
 }
 
+/* True for a valid row alone in its class among in-batch means (counts:
+ * the rows of each class, or NULL for given centroids): its centroid is its
+ * own softmax, so its KL and the KL's gradient are 0 and the KL pass is
+ * skipped, as in the CPU kernels. */
+__device__ __forceinline__ bool
+alone_in_class(const mcmi_problem &p, const int64_t *counts, int64_t y) {
+  return counts && y >= 0 && y < p.classes && counts[y] == 1;
+}
+
+/* The KL sums of a row alone in its class: KL 0, but NaN for a row whose
+ * softmax sum s is NaN or infinite (a NaN or +inf logit), as the CPU's. */
+template <typename A> __device__ __forceinline__ KLPart<A> alone_part(A s) {
+  return KLPart<A>{(A)0 * s, 1.0};
+}
+
 /* What the loss of one row reads besides its logits and centroids. */
 template <typename A> struct RowSetup {
   Scale<A> sc; /* 1/T */
@@ -396,17 +411,20 @@ row_result(const mcmi_problem &p, const T *z, int64_t y, const RowSetup<A> &su,
  * d(loss)/dz_j = kc P_j (x_j - KL) + kce (P1_j - [j == y]),
  * shared as in each_column (vectors when z and g are both aligned). With
  * s == 1 the softmax is one-hot to working precision: the true KL gradient
- * of the row is below the rounding error of x - KL at the maximum. */
+ * of the row is below the rounding error of x - KL at the maximum. A row
+ * alone in its class (alone_in_class) has kc = 0: no KL gradient. */
 template <typename T, typename A>
 __device__ void write_grad(const mcmi_problem &p, const T *z, const A *q,
                            int64_t y, const RowSetup<A> &su,
-                           const RowResult<A> &r, const int64_t *valid, T *g,
-                           int64_t begin, int64_t end, int lane, int group) {
+                           const RowResult<A> &r, bool alone,
+                           const int64_t *valid, T *g, int64_t begin,
+                           int64_t end, int lane, int group) {
   constexpr int V = 16 / sizeof(T);
   const int64_t n = *valid;
   const double norm =
       (p.reduction == MCMI_REDUCTION_MEAN && n > 0) ? (double)n : 1.0;
-  const A kc = r.s == (A)1 ? (A)0 : (A)(p.cmi_weight / (p.temperature * norm));
+  const A kc =
+      r.s == (A)1 || alone ? (A)0 : (A)(p.cmi_weight / (p.temperature * norm));
   const A kce = (A)(p.ce_weight / norm);
   const auto grad_of = [&](A zj, int64_t j) {
     const A qj = q ? centroid_entry(q[j], su.is_log, su.qfloor) : (A)NAN;
@@ -463,8 +481,8 @@ template <typename T, int GROUP>
 __global__ void __launch_bounds__(kThreads)
     loss_rows(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
               const typename AccOf<T>::type *q_batch, const int64_t *slot_of,
-              const int64_t *valid, double *row_val, T *rows_out,
-              int64_t rows_stride, T *grad, int64_t grad_stride) {
+              const int64_t *counts, const int64_t *valid, double *row_val,
+              T *rows_out, int64_t rows_stride, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
   __shared__ Partial<A> shared[kThreads / kWarp];
   __shared__ KLPart<A> kl_shared[kThreads / kWarp];
@@ -490,9 +508,15 @@ __global__ void __launch_bounds__(kThreads)
   if (su.separate) {
     at_one = group_reduce<A, GROUP>(at_one, unit_scale<A>(), shared);
   }
-  const KLPart<A> part = group_sum<A, GROUP>(
-      kl_columns(z, q, su, main.m, (A)1 / main.s, 0, p.cols, lane, GROUP),
-      kl_shared);
+  /* A row alone in its class takes no columns into its KL pass. */
+  const bool alone = alone_in_class(p, counts, y);
+  KLPart<A> part =
+      group_sum<A, GROUP>(kl_columns(z, q, su, main.m, (A)1 / main.s, 0,
+                                     alone ? 0 : p.cols, lane, GROUP),
+                          kl_shared);
+  if (alone) {
+    part = alone_part(main.s);
+  }
   const RowResult<A> r = row_result(p, z, y, su, main, at_one, part);
   if (lane == 0) {
     row_val[row] = r.value;
@@ -501,7 +525,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (g) {
-    write_grad(p, z, q, y, su, r, valid, g, 0, p.cols, lane, GROUP);
+    write_grad(p, z, q, y, su, r, alone, valid, g, 0, p.cols, lane, GROUP);
   }
 }
 
@@ -575,13 +599,14 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     split_kl(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
              const typename AccOf<T>::type *q_batch, const int64_t *slot_of,
-             Split sp, const Partial<typename AccOf<T>::type> *parts,
+             const int64_t *counts, Split sp,
+             const Partial<typename AccOf<T>::type> *parts,
              KLPart<typename AccOf<T>::type> *kl_parts) {
   using A = typename AccOf<T>::type;
   __shared__ KLPart<A> kl_shared[kThreads / kWarp];
   const SplitChunk c = split_chunk(p, sp);
-  if (c.y == p.ignore_index) {
-    return; /* uniform over the block */
+  if (c.y == p.ignore_index || alone_in_class(p, counts, c.y)) {
+    return; /* uniform over the block; split_results needs no KL sums */
   }
   const T *z = (const T *)p.logits + c.row * p.logits_stride;
   const A *q = row_centroids(p, q_batch, slot_of, c.y);
@@ -601,7 +626,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void
 split_results(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
-              bool batch, Split sp,
+              const int64_t *counts, Split sp,
               const Partial<typename AccOf<T>::type> *parts,
               const KLPart<typename AccOf<T>::type> *kl_parts,
               RowResult<typename AccOf<T>::type> *results, double *row_val,
@@ -616,15 +641,16 @@ split_results(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
     ignored_row<T>(row, row_val, rows_out, rows_stride, nullptr, 0, 0, 1, true);
     return;
   }
-  const RowSetup<A> su = row_setup<A>(p, batch, sc);
+  const RowSetup<A> su = row_setup<A>(p, counts != nullptr, sc);
+  const Partial<A> *combined = parts + row * sp.splits * 2;
+  const bool alone = alone_in_class(p, counts, y);
   const KLPart<A> *mine = kl_parts + row * sp.splits;
-  KLPart<A> part = mine[0];
-  for (int64_t s = 1; s < sp.splits; ++s) {
+  KLPart<A> part = alone ? alone_part(combined[0].s) : mine[0];
+  for (int64_t s = 1; !alone && s < sp.splits; ++s) {
     part.g += mine[s].g;
     part.q += mine[s].q;
   }
   const T *z = (const T *)p.logits + row * p.logits_stride;
-  const Partial<A> *combined = parts + row * sp.splits * 2;
   const RowResult<A> r =
       row_result(p, z, y, su, combined[0], combined[1], part);
   results[row] = r;
@@ -639,7 +665,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     split_grad(const mcmi_problem p, const Scale<typename AccOf<T>::type> sc,
                const typename AccOf<T>::type *q_batch, const int64_t *slot_of,
-               Split sp, const RowResult<typename AccOf<T>::type> *results,
+               const int64_t *counts, Split sp,
+               const RowResult<typename AccOf<T>::type> *results,
                const int64_t *valid, T *grad, int64_t grad_stride) {
   using A = typename AccOf<T>::type;
   const SplitChunk c = split_chunk(p, sp);
@@ -652,8 +679,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const A *q = row_centroids(p, q_batch, slot_of, c.y);
   const RowSetup<A> su = row_setup<A>(p, q_batch != nullptr, sc);
-  write_grad(p, z, q, c.y, su, results[c.row], valid, g, c.begin, c.end,
-             (int)threadIdx.x, kThreads);
+  write_grad(p, z, q, c.y, su, results[c.row], alone_in_class(p, counts, c.y),
+             valid, g, c.begin, c.end, (int)threadIdx.x, kThreads);
 }
 
 /* Sum over the threads of a one-block launch, in a fixed tree order; the
@@ -1276,6 +1303,9 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
   double *row_val = (double *)(ws + l.row_val);
   A *means = batch ? (A *)(ws + l.means) : nullptr;
   int64_t *counts = (int64_t *)(ws + l.counts);
+  /* The class counts tell the kernels which rows are alone in their class
+   * (in-batch means only). */
+  const int64_t *alone_counts = batch ? counts : nullptr;
   scan_targets<<<1, kThreads, 0, s>>>(p, valid, false);
   const bool per_row = p.reduction == MCMI_REDUCTION_NONE;
   T *rows_out = per_row ? (T *)loss : nullptr;
@@ -1297,21 +1327,22 @@ void loss_launch(const mcmi_problem &p, void *loss, int64_t loss_stride,
       split_partials<T><<<grid, kThreads, 0, s>>>(p, sc, batch, sp, parts);
       split_softmax<T>
           <<<blocks_for(p.rows), kThreads, 0, s>>>(p, sc, sp, parts);
-      split_kl<T><<<grid, kThreads, 0, s>>>(p, sc, means, slot_of, sp, parts,
-                                            kl_parts);
+      split_kl<T><<<grid, kThreads, 0, s>>>(p, sc, means, slot_of, alone_counts,
+                                            sp, parts, kl_parts);
       split_results<T><<<blocks_for(p.rows), kThreads, 0, s>>>(
-          p, sc, batch, sp, parts, kl_parts, results, row_val, rows_out,
+          p, sc, alone_counts, sp, parts, kl_parts, results, row_val, rows_out,
           loss_stride);
       if (grad) {
-        split_grad<T><<<grid, kThreads, 0, s>>>(
-            p, sc, means, slot_of, sp, results, valid, (T *)grad, grad_stride);
+        split_grad<T><<<grid, kThreads, 0, s>>>(p, sc, means, slot_of,
+                                                alone_counts, sp, results,
+                                                valid, (T *)grad, grad_stride);
       }
     } else {
       const unsigned blocks =
           (unsigned)((p.rows + kThreads / GROUP - 1) / (kThreads / GROUP));
       loss_rows<T, GROUP><<<blocks, kThreads, 0, s>>>(
-          p, sc, means, slot_of, valid, row_val, rows_out, loss_stride,
-          (T *)grad, grad_stride);
+          p, sc, means, slot_of, alone_counts, valid, row_val, rows_out,
+          loss_stride, (T *)grad, grad_stride);
     }
   }
   if (!per_row) {

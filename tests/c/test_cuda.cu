@@ -95,10 +95,9 @@ static void store_any(mcmi_dtype t, void *x, int64_t i, double v) {
   }
 }
 
-/* max (|a - b| - allow) / max(1e-2, max |b|) (at least 0), or +inf when a
- * NaN, or an infinity, is on one side only or at different places. */
-static double max_rel_beyond(const double *a, const double *b, int64_t n,
-                             double allow) {
+/* max |a - b| / max(1e-2, max |b|), or +inf when a NaN, or an infinity, is
+ * on one side only or at different places. */
+static double max_rel(const double *a, const double *b, int64_t n) {
   double scale = 1e-2, err = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     if (isnan(a[i]) != isnan(b[i]) ||
@@ -110,16 +109,11 @@ static double max_rel_beyond(const double *a, const double *b, int64_t n,
     }
   }
   for (int64_t i = 0; i < n; ++i) {
-    if (isfinite(a[i]) && fabs(a[i] - b[i]) - allow > err) {
-      err = fabs(a[i] - b[i]) - allow;
+    if (isfinite(a[i]) && fabs(a[i] - b[i]) > err) {
+      err = fabs(a[i] - b[i]);
     }
   }
   return err / scale;
-}
-
-/* max |a - b| / max(1e-2, max |b|) (max_rel_beyond with nothing allowed). */
-static double max_rel(const double *a, const double *b, int64_t n) {
-  return max_rel_beyond(a, b, n, 0.0);
 }
 
 static void *cpu_ws(size_t bytes) {
@@ -297,13 +291,7 @@ static void check_loss(loss_case c) {
   const double tol = t == MCMI_FLOAT64   ? 1e-12
                      : t == MCMI_FLOAT32 ? 2e-6
                                          : 1e-2;
-  /* In-batch centroids: the CPU kernels give a row alone in its class a KL
-   * and KL gradient of exactly 0 (its centroid is its own softmax), where
-   * these CUDA kernels form them against the floored mean: they differ by at
-   * most the floor's allowance of docs/math.md, cols * floor. */
-  const double allow = c.mode == 2 ? (double)cols * p.floor : 0.0;
-  const double el = max_rel_beyond(gl, cl, nloss, allow),
-               eg = max_rel_beyond(gg, cg, n, allow);
+  const double el = max_rel(gl, cl, nloss), eg = max_rel(gg, cg, n);
   CHECK(el <= tol && eg <= tol,
         "loss %lldx%lld K %lld mode %d red %d T %g dtype %d pad %lld special "
         "%d: value %g grad %g vs the CPU",
