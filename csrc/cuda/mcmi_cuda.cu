@@ -262,10 +262,11 @@ alone_in_class(const mcmi_problem &p, const int64_t *counts, int64_t y) {
   return counts && y >= 0 && y < p.classes && counts[y] == 1;
 }
 
-/* The KL sums of a row alone in its class: KL 0, but NaN for a row whose
- * softmax sum s is NaN or infinite (a NaN or +inf logit), as the CPU's. */
+/* The KL sums of a row alone in its class: KL 0, but NaN, as on the CPU,
+ * for a row whose softmax sum s is NaN (a NaN or +inf logit) or 0 (no
+ * finite logit). */
 template <typename A> __device__ __forceinline__ KLPart<A> alone_part(A s) {
-  return KLPart<A>{(A)0 * s, 1.0};
+  return KLPart<A>{s > (A)0 ? (A)0 : (A)NAN, 1.0};
 }
 
 /* What the loss of one row reads besides its logits and centroids. */

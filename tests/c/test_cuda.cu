@@ -314,6 +314,26 @@ static void check_loss(loss_case c) {
     CHECK(isnan(gg[4 * cols]) && isnan(gg[5 * cols - 1]),
           "a row of NaN logits must give a NaN gradient row");
   }
+  /* In-batch means, the CMI term alone, with the row of no finite logit
+   * (NEG_INF: row 1) or of NaN logits only (NONFINITE: row 4) alone in its
+   * class: its KL pass is skipped, and its value must still be NaN, as on
+   * the CPU. */
+  const int64_t lone = c.special == NEG_INF ? 1 : 4;
+  if ((c.special == NEG_INF || c.special == NONFINITE) && c.mode == 2 &&
+      rows > lone) {
+    for (int64_t i = 0; i < rows; ++i) {
+      y[i * ys] = i != lone && y[i * ys] == 0 ? -100 : y[i * ys];
+    }
+    p.ce_weight = 0.0;
+    CHECK(cpu_loss(&p, cl, nloss, cg, &bad) == MCMI_OK, "cpu loss (CMI)");
+    cuda_loss(&p, 0, gl, nloss, gg);
+    const double cel = max_rel(gl, cl, nloss), ceg = max_rel(gg, cg, n);
+    CHECK(cel <= tol && ceg <= tol && isnan(gl[nloss == 1 ? 0 : lone]),
+          "CMI alone, special %d, %lldx%lld dtype %d red %d: value %g grad %g "
+          "vs the CPU (row %lld, alone in its class, must be NaN)",
+          c.special, (long long)rows, (long long)cols, (int)t, c.reduction, cel,
+          ceg, (long long)lone);
+  }
   free(z), free(z64), free(q64), free(lq64), free(q32), free(lq32), free(y);
   free(cl), free(cg), free(gl), free(gg);
 }
