@@ -759,10 +759,17 @@ int main(int argc, char **argv) {
     loss_case c = {33, 100, 10, 2, red, 1e-4, MCMI_FLOAT32, 0, CLOSE};
     check_loss(c);
   }
+  /* Split rows with in-batch means over classes of several rows (most
+   * split cases above have rows alone in their class, which skip the KL):
+   * the split KL sums and gradient against the CPU. */
+  for (int red = 0; red < 3; ++red) {
+    loss_case c = {8, 9000, 3, 2, red, 1.0, MCMI_FLOAT32, 0, PLAIN};
+    check_loss(c);
+  }
   for (int batch = 0; batch < 2; ++batch) {
     check_small_kl(16, 100, batch);  /* a warp per row */
     check_small_kl(16, 3000, batch); /* a block per row */
-    check_small_kl(4, 20000, batch); /* split rows */
+    check_small_kl(8, 20000, batch); /* split rows, two a class */
   }
   /* In-batch means of 1024 similar rows a class: summed in double, as on
    * the CPU (float32 sums of this many rows miss the small KLs). */
