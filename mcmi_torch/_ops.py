@@ -165,12 +165,47 @@ def _loss_setup_context(ctx, inputs, output):
     _setup(ctx, logits, target, centroids, _LossArgs(*args), output[1])
 
 
+def _valid_rows(logits, target, args):
+    """What the differentiable formulas read of a call: the mask of valid rows,
+    the labels (ignored rows relabelled 0) and the logits in the compute dtype
+    with every ignored row replaced by zeros before any arithmetic. So an
+    ignored row is selected out: whatever it holds (NaN, -inf padding)
+    reaches no value or derivative of any order, of any row (``torch.where``
+    sends its own row exact zeros). No data-dependent shapes, so ``vmap``
+    can batch it."""
+    valid = target != args.ignore_index
+    labels = torch.where(valid, target, torch.zeros_like(target))
+    return valid, labels, _select_rows(logits.to(compute_dtype(logits)), valid)
+
+
+def _select_rows(rows, valid):
+    """``rows`` ``[B, C]`` with the rows outside ``valid`` set to zeros."""
+    return torch.where(valid.unsqueeze(1), rows, 0.0)
+
+
+def _log_softmax(rows, temperature):
+    """``log softmax(rows / T)`` and its exponential, the probabilities. The
+    rows are shifted by their maximum (a constant, to which the result is
+    invariant) before the division, so that ``z / T`` cannot overflow where
+    the loss is finite (float32 logits near 1e38 at ``T < 1``)."""
+    shift = rows.detach().amax(dim=1, keepdim=True)
+    log_probs = torch.log_softmax((rows - shift) / temperature, dim=1)
+    return log_probs, log_probs.exp()
+
+
+def _kl_terms(log_probs, probs, log_centroids):
+    """``log P - log Q`` where ``P > 0``, else 0: 0 log 0 = 0 for a class of
+    probability 0 (a -inf logit), with derivatives of every order that are 0
+    there too (the log is replaced, never multiplied by 0)."""
+    return torch.where(probs > 0, log_probs - log_centroids, 0.0)
+
+
 def _batch_class_means(probs, labels, valid, num_classes):
     """In-batch centroids ``[K, C]`` (differentiable: the mean of the rows
     ``probs`` of each class) and the class counts ``[K]``, from ``labels``
     in range (ignored rows relabelled) and the mask ``valid``; no boolean
     indexing, so ``vmap`` can batch it."""
-    rows = probs * valid.unsqueeze(1).to(probs.dtype)
+    rows = _select_rows(probs, valid)
     sums = probs.new_zeros(num_classes, probs.shape[1]).index_add(0, labels, rows)
     counts = labels.new_zeros(num_classes).index_add(0, labels, valid.to(labels.dtype))
     return class_means(sums, counts), counts
@@ -181,17 +216,14 @@ def _batch_centroid_path(logits, target, weight, args):
     upstream weights differ within a class (zero when they are equal; see
     docs/math.md, "The gradient"). Differentiable torch ops throughout."""
     num_classes, temperature, floor = args.num_classes, args.temperature, args.floor
-    dtype = compute_dtype(logits)
-    probs = torch.softmax(logits.to(dtype) / temperature, dim=1)
-    valid = target != args.ignore_index
-    labels = torch.where(valid, target, torch.zeros_like(target))
-    row_weight = torch.where(valid, weight.to(dtype), torch.zeros_like(probs[:, 0]))
+    valid, labels, rows = _valid_rows(logits, target, args)
+    probs = _log_softmax(rows, temperature)[1]
+    row_weight = torch.where(valid, weight.to(probs.dtype), 0.0)
     centroids, counts = _batch_class_means(probs, labels, valid, num_classes)
-    live = (centroids >= floor).to(dtype)
+    live = (centroids >= floor).to(probs.dtype)
     ratio = row_weight.unsqueeze(1) * probs / centroids.clamp_min(floor)[labels]
     ratio_sums = probs.new_zeros(centroids.shape).index_add(0, labels, ratio)
-    upstream = class_means(-args.cmi_weight * live * ratio_sums, counts)[labels]
-    upstream = upstream * valid.unsqueeze(1).to(dtype)
+    upstream = _select_rows(class_means(-args.cmi_weight * live * ratio_sums, counts)[labels], valid)
     return probs * (upstream - (probs * upstream).sum(dim=1, keepdim=True)) / temperature
 
 
@@ -202,18 +234,16 @@ def _batch_centroid_tangent(logits, target, tangent, args):
     docs/math.md, "Forward mode"). No data-dependent shapes, so that
     ``jacfwd`` can batch the tangent."""
     num_classes, temperature, floor = args.num_classes, args.temperature, args.floor
-    dtype = compute_dtype(logits)
-    probs = torch.softmax(logits.to(dtype) / temperature, dim=1)
-    valid = target != args.ignore_index
-    labels = torch.where(valid, target, torch.zeros_like(target))
+    valid, labels, rows = _valid_rows(logits, target, args)
+    probs = _log_softmax(rows, temperature)[1]
     centroids, counts = _batch_class_means(probs, labels, valid, num_classes)
-    v = tangent.to(dtype)
+    v = _select_rows(tangent.to(probs.dtype), valid)
     dprobs = probs * (v - (probs * v).sum(dim=1, keepdim=True)) / temperature
-    dprobs = dprobs * valid.unsqueeze(1).to(dtype)
     dmeans = class_means(torch.zeros_like(centroids).index_add(0, labels, dprobs), counts)
-    live = (centroids >= floor).to(dtype)
+    live = (centroids >= floor).to(probs.dtype)
     ratio = (live * dmeans / centroids.clamp_min(floor))[labels]
-    return -args.cmi_weight * (probs * ratio).sum(dim=1) * valid.to(dtype)
+    rows_tangent = -args.cmi_weight * (probs * ratio).sum(dim=1)
+    return torch.where(valid, rows_tangent, 0.0)
 
 
 def _loss_jvp(ctx, logits_tangent, *_unused):
@@ -231,7 +261,8 @@ def _loss_jvp(ctx, logits_tangent, *_unused):
     dtype = compute_dtype(logits)
     weight = _row_weights(args, target, torch.ones((), dtype=dtype, device=logits.device), dtype)
     grad = _local_grad(args, ctx.centroids, logits, target, weight)
-    rows = (grad * logits_tangent.to(dtype)).sum(dim=1)
+    valid = target != args.ignore_index
+    rows = (grad * _select_rows(logits_tangent.to(dtype), valid)).sum(dim=1)
     if args.reduction != REDUCTIONS["none"]:
         return rows.sum().to(logits.dtype), None
     if ctx.centroids is None and args.cmi_weight != 0:
@@ -260,9 +291,11 @@ def _saved_centroids(ctx, create_graph):
 
 def _row_weights(args, target, grad_loss, dtype):
     """Per-row weights of the loss for the upstream gradient ``grad_loss``:
-    0 at ignored rows, divided by the valid-row count for ``'mean'``."""
+    0 at ignored rows (whatever the upstream gradient holds there), divided
+    by the valid-row count for ``'mean'``."""
     valid = target != args.ignore_index
-    weight = grad_loss.to(dtype).expand(target.shape[0]) * valid.to(dtype)
+    upstream = grad_loss.to(dtype).expand(target.shape[0])
+    weight = torch.where(valid, upstream, 0.0)
     if args.reduction == REDUCTIONS["mean"]:
         weight = weight / valid.sum().clamp_min(1).to(dtype)
     return weight
@@ -273,13 +306,11 @@ def _local_grad(args, centroids, logits, target, weight):
     fixed (their path is _batch_centroid_path), as differentiable torch ops:
     the formula of docs/math.md ("The gradient", "Second derivatives"), so
     that autograd and forward mode can differentiate it again with respect
-    to the logits (through in-batch centroids too)."""
-    dtype = compute_dtype(logits)
-    scaled = logits.to(dtype)
-    valid = target != args.ignore_index
-    labels = torch.where(valid, target, torch.zeros_like(target))
-    log_probs = torch.log_softmax(scaled / args.temperature, dim=1)
-    probs = log_probs.exp()
+    to the logits (through in-batch centroids too), with the rules of the
+    kernels: ignored rows selected out, 0 log 0 = 0, no overflow of z / T.
+    No data-dependent shapes and no ``.item()``, so ``vmap`` can batch it."""
+    valid, labels, rows = _valid_rows(logits, target, args)
+    log_probs, probs = _log_softmax(rows, args.temperature)
     if centroids is None:
         means = _batch_class_means(probs, labels, valid, args.num_classes)[0]
         log_centroids = means.clamp_min(args.floor).log()
@@ -287,12 +318,13 @@ def _local_grad(args, centroids, logits, target, weight):
         log_centroids = centroids
     else:
         log_centroids = centroids.clamp_min(args.floor).log()
-    diff = log_probs - log_centroids[labels]
+    diff = _kl_terms(log_probs, probs, log_centroids[labels])
     kl_grad = probs * (diff - (probs * diff).sum(dim=1, keepdim=True))
     grad = args.cmi_weight / args.temperature * kl_grad
     if args.ce_weight != 0:
-        one_hot = torch.nn.functional.one_hot(labels, scaled.shape[1]).to(dtype)
-        grad = grad + args.ce_weight * (torch.softmax(scaled, dim=1) - one_hot)
+        classes = torch.arange(rows.shape[1], device=labels.device)
+        one_hot = (labels.unsqueeze(1) == classes).to(rows.dtype)
+        grad = grad + args.ce_weight * (torch.softmax(rows, dim=1) - one_hot)
     return grad * weight.unsqueeze(1)
 
 

@@ -202,8 +202,11 @@ class MCMILoss(nn.Module):
         where ``F.cross_entropy`` gives NaN."""
         weight = self.weight.to(logits.dtype) if self.weight is not None else None
         mean = self.reduction == "mean"
+        valid = target != self.ignore_index
+        # Ignored rows selected out: whatever they hold (NaN, -inf padding)
+        # reaches no derivative, of their own row either.
         ce = F.cross_entropy(
-            logits,
+            torch.where(valid.unsqueeze(1), logits, 0.0),
             target,
             weight=weight,
             ignore_index=self.ignore_index,
@@ -212,7 +215,6 @@ class MCMILoss(nn.Module):
         )
         if not mean:
             return ce
-        valid = target != self.ignore_index
         if weight is None:
             total = valid.sum().to(ce.dtype)
         else:

@@ -14,8 +14,10 @@ from ._args import CENTROID_FLOOR
 
 
 def _reduce(values: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """``values`` of the valid rows reduced; for ``'none'``, scattered back
+    to every row with 0 at the ignored ones."""
     if reduction == "none":
-        return values
+        return values.new_zeros(valid.shape).index_put((valid,), values)
     total = values.sum()
     if reduction == "sum":
         return total
@@ -33,10 +35,10 @@ def class_sums(
 ) -> tuple[Tensor, Tensor]:
     """Per-class sums of softmax (or log-softmax) rows and per-class counts."""
     valid = target != ignore_index
-    logp = F.log_softmax(logits / temperature, dim=1)
+    logp = F.log_softmax(logits[valid] / temperature, dim=1)
     rows = logp if log_probs else logp.exp()
     y = target[valid]
-    sums = rows.new_zeros(num_classes, logits.shape[1]).index_add(0, y, rows[valid])
+    sums = rows.new_zeros(num_classes, logits.shape[1]).index_add(0, y, rows)
     counts = torch.bincount(y, minlength=num_classes)
     return sums, counts
 
@@ -50,22 +52,24 @@ def cmi(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> Tensor:
-    """Reference of :func:`mcmi_torch.cmi`."""
+    """Reference of :func:`mcmi_torch.cmi`, computed on the valid rows alone
+    (selected, never masked): an ignored row, whatever it holds, reaches no
+    value or derivative of any order."""
     valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    logp = F.log_softmax(logits / temperature, dim=1)
+    z, y = logits[valid], target[valid]
+    logp = F.log_softmax(z / temperature, dim=1)
+    prob = logp.exp()
     if centroids is None:
         sums, counts = class_sums(
             logits, target, logits.shape[1], temperature=temperature, ignore_index=ignore_index
         )
         centroids = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
     logq = centroids.to(logp.dtype).clamp_min(CENTROID_FLOOR).log()
-    prob = logp.exp()
     # 0 log 0 = 0: a class of probability 0 (a -inf logit) adds nothing, and
-    # gets a zero gradient; a NaN row stays NaN through `prob`.
+    # gets a zero derivative of every order (the log is replaced, not
+    # multiplied by 0); a NaN row stays NaN through `prob`.
     logp = torch.where(prob > 0, logp, torch.zeros_like(logp))
     kl = (prob * (logp - logq[y])).sum(dim=1)
-    kl = torch.where(valid, kl, torch.zeros_like(kl))
     return _reduce(kl, valid, reduction)
 
 
@@ -83,11 +87,24 @@ def mcmi_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
-    """Reference of ``MCMILoss``: ``CE - lam * CMI``."""
-    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    """Reference of ``MCMILoss``: ``CE - lam * CMI``, CE as ``F.cross_entropy``
+    with ``weight`` and ``label_smoothing`` on the valid rows alone (a mean
+    over no weight is 0)."""
     valid = target != ignore_index
-    ce = _reduce(torch.where(valid, ce, torch.zeros_like(ce)), valid, reduction)
+    z, y = logits[valid], target[valid]
+    kw = dict(weight=weight, label_smoothing=label_smoothing)
+    if reduction == "none":
+        ce = _reduce(F.cross_entropy(z, y, reduction="none", **kw), valid, reduction)
+    else:
+        ce = F.cross_entropy(z, y, reduction="sum", **kw)
+        if reduction == "mean":
+            total = y.new_tensor(y.numel()) if weight is None else weight[y].sum()
+            total = total.to(ce.dtype)
+            empty = total == 0
+            ce = torch.where(empty, 0, ce / torch.where(empty, 1, total))
     kl = cmi(
         logits,
         target,
