@@ -223,7 +223,8 @@ def _batch_centroid_path(logits, target, weight, args):
     live = (centroids >= floor).to(probs.dtype)
     ratio = row_weight.unsqueeze(1) * probs / centroids.clamp_min(floor)[labels]
     ratio_sums = probs.new_zeros(centroids.shape).index_add(0, labels, ratio)
-    upstream = _select_rows(class_means(-args.cmi_weight * live * ratio_sums, counts)[labels], valid)
+    upstream = class_means(-args.cmi_weight * live * ratio_sums, counts)[labels]
+    upstream = _select_rows(upstream, valid)
     return probs * (upstream - (probs * upstream).sum(dim=1, keepdim=True)) / temperature
 
 
