@@ -1,11 +1,20 @@
 """Shared helpers: fresh random problems (never zeros), tolerances, the
 device and centroid-mode fixtures."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import strategies as st
 
 import mcmi_torch
+
+# The first dual tensor of a process makes torch load its forward-AD
+# decompositions, which it compiles with torch.jit.script: a DeprecationWarning
+# of torch's own in torch 2.13, whichever test comes first. Loaded here, quietly.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+    torch.func.jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 #: A test marked with it runs on a CUDA GPU only (skipped without one).
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -2,6 +2,8 @@
 against torch's own forward AD of the float64 reference, in every centroid
 mode; grad and vjp of an 'ema' criterion against eager backward."""
 
+import math
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -301,3 +303,209 @@ def test_second_order_through_forward_mode(batch):
         RuntimeError, match=r"forward mode over forward mode .* torch\.func\.hessian"
     ):
         torch.func.jacfwd(torch.func.jacfwd(ours))(logits)
+
+
+# ------------------------------------------- ignored rows and -inf logits, every order
+def padded_problem(seed, rows=7, cols=5, classes=None):
+    """A float64 problem whose ignored rows hold padding (NaN, -inf, huge or a
+    mix, per row), whose valid rows hold -inf at some positions (never a
+    whole row), with a random ignore_index; the mask of ignored rows is
+    random, none or all of them. Also random tangent (NaN at ignored rows),
+    upstream weights and a second direction."""
+    g = torch.Generator().manual_seed(seed)
+    classes = cols if classes is None else classes
+    logits = 2 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    target = torch.randint(0, classes, (rows,), generator=g)
+    ignore_index = [-100, -1, classes + 3][seed % 3]
+    kind = seed % 4
+    ignored = torch.rand(rows, generator=g) < 0.4
+    ignored = ignored if kind > 1 else torch.full((rows,), bool(kind))
+    holes = torch.rand(rows, cols, generator=g) < 0.25
+    holes[torch.arange(rows), torch.randint(0, cols, (rows,), generator=g)] = False
+    logits[holes & ~ignored.unsqueeze(1)] = -math.inf
+    padding = [math.nan, -math.inf, 1e300, -1e300]
+    for i in ignored.nonzero().flatten().tolist():
+        fill = torch.tensor(padding, dtype=torch.float64)[torch.randint(0, 4, (cols,), generator=g)]
+        logits[i] = fill if i % 2 else padding[i % 4]
+    target[ignored] = ignore_index
+    v = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    v[ignored] = math.nan
+    w = torch.rand(rows, generator=g, dtype=torch.float64) + 0.5
+    u = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    q = torch.softmax(torch.randn(classes, cols, generator=g, dtype=torch.float64), 1)
+    return logits, target, ignore_index, v, w, u, q
+
+
+def on_valid_rows(fn, target, ignore_index, reduction):
+    """``fn(z_valid, y_valid)`` as a function of all the rows: the reference
+    never sees an ignored row; per-row results get 0 there."""
+    valid = target != ignore_index
+
+    def full(z):
+        out = fn(z[valid], target[valid])
+        return out if reduction != "none" else out.new_zeros(valid.shape).index_put((valid,), out)
+
+    return full
+
+
+def every_order(ours, want, z, v, w, u, fresh=None, second=True):
+    """Value, gradient (upstream ``w`` for 'none'), tangent along ``v`` (jvp,
+    dual numbers) and, with ``second``, the Hessian-vector product along
+    ``u`` (create_graph and jvp of grad) of ``ours`` against ``want``."""
+    fresh = fresh or (lambda: None)
+
+    def scalar(f):
+        return lambda x: (f(x) * (w if f(x).dim() else 1)).sum()
+
+    fresh()
+    expected = want(z)
+    torch.testing.assert_close(ours(z), expected, rtol=1e-9, atol=1e-10, msg="value")
+    grad_want = torch.func.grad(scalar(want))(z)
+    x = z.clone().requires_grad_(True)
+    fresh()
+    out = ours(x)
+    (out * (w if out.dim() else 1)).sum().backward()
+    torch.testing.assert_close(x.grad, grad_want, rtol=1e-9, atol=1e-10, msg="gradient")
+    tangent = torch.func.jvp(want, (z,), (torch.nan_to_num(v),))[1]
+    for name in ("jvp", "dual"):
+        fresh()
+        got = torch.func.jvp(ours, (z,), (v,))[1] if name == "jvp" else dual_tangent(ours, z, v)
+        torch.testing.assert_close(got, tangent, rtol=1e-9, atol=1e-10, msg=name)
+    if not second:
+        return
+    hvp = torch.func.jvp(torch.func.grad(scalar(want)), (z,), (u,))[1]
+    x = z.clone().requires_grad_(True)
+    out = ours(x)
+    g = torch.autograd.grad((out * (w if out.dim() else 1)).sum(), x, create_graph=True)[0]
+    got = torch.autograd.grad((g * u).sum(), x)[0]
+    torch.testing.assert_close(got, hvp, rtol=1e-9, atol=1e-10, msg="create_graph")
+    got = torch.func.jvp(torch.func.grad(scalar(ours)), (z,), (u,))[1]
+    torch.testing.assert_close(got, hvp, rtol=1e-9, atol=1e-10, msg="jvp of grad")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_reference_selects_out_ignored_rows(seed):
+    """The float64 reference against an independent computation on the
+    valid rows alone: the KL as xlogy(P, P) - P log Q and the gradient of
+    docs/math.md, (P log P - P log Q - P KL) / (n T) per entry, in each
+    mode and reduction; padding in ignored rows reaches nothing, their own
+    gradient is 0."""
+    z, y, ignore, *_, q = padded_problem(500 + seed)
+    valid, temperature = y != ignore, [0.5, 1.0, 2.5][seed % 3]
+    p = torch.softmax(z[valid] / temperature, 1)
+    labels = y[valid]
+    for batch in (False, True):
+        if batch:
+            q = torch.stack([p[labels == c].sum(0) / max((labels == c).sum(), 1) for c in range(5)])
+        log_q = q.clamp_min(CENTROID_FLOOR).log()[labels]
+        kl = (torch.special.xlogy(p, p) - p * log_q).sum(1)
+        n = max(valid.sum().item(), 1)
+        rows = torch.special.xlogy(p, p) - p * log_q - p * kl.unsqueeze(1)
+        expected = {"none": kl, "sum": kl.sum(), "mean": kl.sum() / n}
+        for reduction, value in expected.items():
+            x = z.clone().requires_grad_(True)
+            kw = dict(temperature=temperature, ignore_index=ignore, reduction=reduction)
+            got = reference.cmi(x, y, None if batch else q, **kw)
+            got.sum().backward()
+            want = value if reduction != "none" else z.new_zeros(7).index_put((valid,), value)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+            assert torch.equal(x.grad[~valid], torch.zeros_like(x.grad[~valid]))
+            scale = temperature * (n if reduction == "mean" else 1)
+            torch.testing.assert_close(x.grad[valid], rows / scale, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_every_order_of_cmi_selects_out_ignored_rows(seed):
+    """cmi and mcmi, fixed (K != C too) and in-batch centroids, every
+    reduction and several temperatures: value, gradient, tangents and
+    second derivatives equal torch's AD of the float64 reference on the
+    valid rows alone, whatever padding the ignored rows hold and with -inf
+    logits in valid rows; vmap of grad gives each problem's gradient."""
+    for case, (batch, reduction, temperature) in enumerate(
+        [(b, r, t) for b in (False, True) for r in REDUCTIONS for t in (0.5, 2.5)]
+    ):
+        classes = 5 if batch else 3 + (seed + case) % 4
+        z, y, ignore, v, w, u, q = padded_problem(100 * seed + case, classes=classes)
+        q = None if batch else q
+        kw = dict(temperature=temperature, reduction=reduction)
+        sign = 1 if case % 2 else -1
+        fn = mcmi_torch.cmi if sign == 1 else mcmi_torch.mcmi
+        ours = lambda x, f=fn, y=y, q=q, i=ignore, kw=kw: f(x, y, q, ignore_index=i, **kw)  # noqa: E731
+        want = on_valid_rows(
+            lambda a, b, s=sign, q=q, kw=kw: s * reference.cmi(a, b, q, **kw), y, ignore, reduction
+        )
+        every_order(ours, want, z, v, w, u, second=case % 3 == 0)
+    zs, ys = torch.stack([z, z.flip(0)]), torch.stack([y, y.flip(0)])
+    got = torch.func.vmap(
+        torch.func.grad(lambda a, b: mcmi_torch.cmi(a, b, q, ignore_index=ignore))
+    )
+    for i, grad in enumerate(got(zs, ys)):
+        want = on_valid_rows(lambda a, b: reference.cmi(a, b, q), ys[i], ignore, "mean")
+        torch.testing.assert_close(grad, torch.func.grad(want)(zs[i]), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_order_of_the_module_selects_out_ignored_rows(centroid_mode, seed):
+    """MCMILoss in each mode, reduction, with and without class weights and
+    label smoothing: as above, with vmap of grad (per-sample gradients) in
+    'fixed' and 'batch' mode; an 'ema' step is checked at the centroids it
+    reads (second derivatives of 'ema' raise, see its own test)."""
+    z, y, ignore, v, w, u, q = padded_problem(1000 + seed)
+    reduction = REDUCTIONS[seed % 3]
+    options = [{}, dict(label_smoothing=0.2), dict(weight=torch.rand(5, dtype=torch.float64))]
+    kw = dict(reduction=reduction, temperature=[0.5, 1.0, 3.0][seed % 3], ignore_index=ignore)
+    crit = make_criterion(centroid_mode, q, **kw, **options[seed % 3])
+    if centroid_mode == "ema":
+        crit.double()
+        crit(2 * torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 5, (30,)))
+    state = {key: value.clone() for key, value in crit.state_dict().items()}
+    q_used = None if centroid_mode == "batch" else crit.centroids.clone()
+
+    def want_rows(a, b):
+        options = dict(weight=crit.weight, label_smoothing=crit.label_smoothing)
+        kw = dict(temperature=crit.temperature, reduction=reduction)
+        return reference.mcmi_loss(a, b, crit.lam, q_used, **kw, **options)
+
+    want = on_valid_rows(want_rows, y, ignore, reduction)
+    ours = lambda x: crit(x, y)  # noqa: E731
+    every_order(ours, want, z, v, w, u, lambda: crit.load_state_dict(state), centroid_mode != "ema")
+    if centroid_mode == "ema":
+        return
+    zs, ys = torch.stack([z, z.roll(1, 0)]), torch.stack([y, y.roll(1, 0)])
+    got = torch.func.vmap(torch.func.grad(lambda a, b: crit(a, b).sum()))(zs, ys)
+    for i in range(2):
+        fn = on_valid_rows(want_rows, ys[i], ignore, reduction)
+        want = torch.func.grad(lambda a, fn=fn: fn(a).sum())(zs[i])
+        torch.testing.assert_close(got[i], want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_overflow_of_z_over_t_in_any_derivative(reduction):
+    """float32 logits near 1e38 at T < 1: z / T would overflow, the loss does
+    not; tangents and second derivatives are those of the float64 reference
+    (which does not overflow), not NaN."""
+    g = torch.Generator().manual_seed(7)
+    z = (torch.rand(6, 4, generator=g) * 2 - 1) * 3e38
+    z[0, 1] = -math.inf
+    y = torch.tensor([0, 1, 2, 3, 1, 0])
+    q = torch.softmax(torch.randn(4, 4, generator=g, dtype=torch.float64), 1)
+    v, u = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    for batch in (False, True):
+        c = None if batch else q.float()
+        kw = dict(temperature=0.3, reduction=reduction)
+        ours = lambda x, c=c, kw=kw: mcmi_torch.mcmi(x, y, c, **kw)  # noqa: E731
+        qw = None if batch else q
+        want = lambda x, qw=qw, kw=kw: reference.mcmi(x, y, qw, **kw)  # noqa: E731
+        z64 = z.double()
+        torch.testing.assert_close(ours(z).double(), want(z64), rtol=1e-5, atol=1e-6)
+        tangent = torch.func.jvp(want, (z64,), (v.double(),))[1]
+        torch.testing.assert_close(torch.func.jvp(ours, (z,), (v,))[1].double(), tangent,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(dual_tangent(ours, z, v).double(), tangent, rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+        hvp = torch.func.jvp(torch.func.grad(lambda x, f=want: f(x).sum()), (z64,), (u.double(),))
+        hvp = hvp[1]
+        x = z.clone().requires_grad_(True)
+        grad = torch.autograd.grad(ours(x).sum(), x, create_graph=True)[0]
+        got = torch.autograd.grad((grad * u).sum(), x)[0]
+        torch.testing.assert_close(got.double(), hvp, rtol=1e-5, atol=1e-6)
