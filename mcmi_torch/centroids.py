@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Union
@@ -21,13 +22,39 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def split_batch(batch) -> tuple[Tensor, Tensor]:
+def split_batch(batch) -> tuple[Any, Tensor]:
     """``(inputs, targets)`` from a loader batch: a pair, or a longer tuple
     whose first two entries are those (RepDistiller's instance loaders yield
-    ``(img, target, index)``)."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError("each batch must be a (inputs, targets, ...) tuple or list")
+    ``(img, target, index)``). The inputs are as the loader gives them (a
+    tensor, or a dict, list or tuple of them); the targets a tensor of class
+    indices, or a list or numpy array of them (made a tensor)."""
+    if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
+        got = type(batch).__name__
+        raise TypeError(f"each batch must be an (inputs, targets, ...) tuple or list, got {got}")
+    inputs, targets = batch[0], batch[1]
+    if not isinstance(targets, Tensor):
+        try:
+            targets = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError):
+            targets = None
+        if targets is None or targets.is_floating_point() or targets.is_complex():
+            raise TypeError(
+                f"each batch's targets must be a tensor of class indices (or a list or numpy "
+                f"array of them), got {type(batch[1]).__name__}"
+            )
+    return inputs, targets
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """``inputs`` on ``device``: a tensor moved, the tensors in a dict, list
+    or tuple moved (nested too), anything else as it is."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return type(inputs)((key, to_device(value, device)) for key, value in inputs.items())
+    if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
+        return type(inputs)(to_device(value, device) for value in inputs)
+    return inputs
 
 
 #: Picks the logits from what a model returns: an index (``1`` for
@@ -78,17 +105,22 @@ def model_outputs(
     output: OutputSelector = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(logits, targets)`` for each batch of ``loader``, on ``device``, with
-    the model in train or eval mode (its own mode is restored afterwards) and
-    a tqdm progress bar; the logits picked from the model's output by
-    ``output`` (:func:`select_logits`). Call it under ``torch.no_grad()``."""
-    was_training = model.training
+    the model in train or eval mode and a tqdm progress bar; the logits picked
+    from the model's output by ``output`` (:func:`select_logits`); the batch's
+    inputs (:func:`split_batch`) passed to the model as one argument, on
+    ``device``. Every submodule's own mode is restored when the generator
+    ends or is closed: use it under ``contextlib.closing`` so that an error
+    in the loop restores it at once. Call it under ``torch.no_grad()``."""
+    modes = [(module, module.training) for module in model.modules()]
     model.train(train_mode)
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             inputs, targets = split_batch(batch)
-            yield select_logits(model(inputs.to(device)), output), targets.to(device)
+            yield select_logits(model(to_device(inputs, device)), output), targets.to(device)
     finally:
-        model.train(was_training)
+        model.train(modes[0][1])
+        for module, training in modes:
+            module.training = training
 
 
 @torch.no_grad()
@@ -116,12 +148,16 @@ def estimate_centroids(
     statistics), the same distribution a student later distils from, and the
     pass leaves batch-norm statistics untouched. ``train_mode=True`` runs it
     in train mode as the MCMI authors' code does (batch statistics; note that
-    this updates batch-norm running statistics). The model's mode is restored
-    afterwards.
+    this updates batch-norm running statistics). Afterwards every submodule
+    is back in its own mode (a batch-norm the model kept in eval stays so),
+    also when the pass raises.
 
     Args:
         model: maps a batch of inputs to ``[B, C]`` logits.
-        loader: yields ``(inputs, targets, ...)`` batches.
+        loader: yields ``(inputs, targets, ...)`` batches (any iterable, a
+            generator too); inputs a tensor, or a dict, list or tuple of
+            tensors, passed to the model as one argument; targets a tensor
+            of class indices, or a list or numpy array of them.
         num_classes: number of classes ``K``.
         device: where to run the model (default: the model's device).
         temperature: softmax temperature.
@@ -149,12 +185,13 @@ def estimate_centroids(
         train_mode=train_mode,
         output=output,
     )
-    for logits, targets in outputs:
-        s, c = class_sums(
-            logits, targets, num_classes, temperature=temperature, ignore_index=ignore_index
-        )
-        sums = s.double() if sums is None else sums + s
-        counts = c if counts is None else counts + c
+    with contextlib.closing(outputs):
+        for logits, targets in outputs:
+            s, c = class_sums(
+                logits, targets, num_classes, temperature=temperature, ignore_index=ignore_index
+            )
+            sums = s.double() if sums is None else sums + s
+            counts = c if counts is None else counts + c
     if sums is None:
         raise ValueError("the loader yielded no batch")
     sums, counts = all_reduce_sum(sums, counts)

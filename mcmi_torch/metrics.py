@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -104,7 +105,8 @@ def report_from_sums(
 
 class _TappedLoader:
     """Iterates ``loader`` unchanged, keeping the reference posterior of the
-    inputs of the batch it yielded last (``latest``)."""
+    inputs of the batch it yielded last (``latest``), checked to be ``[B, C]``
+    for a batch of ``B`` targets and made a tensor."""
 
     def __init__(self, loader: Iterable, posterior: Posterior):
         self.loader, self.posterior, self.latest = loader, posterior, None
@@ -114,8 +116,31 @@ class _TappedLoader:
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:
-            self.latest = self.posterior(split_batch(batch)[0])
+            inputs, targets = split_batch(batch)
+            self.latest = _posterior_rows(self.posterior(inputs), targets.shape[0])
             yield batch
+
+
+def _posterior_rows(given, rows: int) -> Tensor:
+    """What ``posterior`` returned for a batch of ``rows`` samples, as a
+    tensor: a tensor, a numpy array or a nested list of ``[rows, C]``
+    probabilities."""
+    if not isinstance(given, Tensor):
+        try:
+            given = torch.as_tensor(given)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"posterior must return [B, C] probabilities (a tensor, numpy array or nested "
+                f"list), got {type(given).__name__}"
+            ) from None
+    if given.dim() != 2 or given.shape[0] != rows:
+        raise ValueError(
+            f"posterior must return [B, C] probabilities for a batch of B = {rows} samples, "
+            f"got shape {tuple(given.shape)}"
+        )
+    if given.is_complex():
+        raise TypeError(f"posterior must return real probabilities, got {given.dtype}")
+    return given
 
 
 def reference_sums(logp: Tensor, posterior: Tensor) -> Tensor:
@@ -123,17 +148,47 @@ def reference_sums(logp: Tensor, posterior: Tensor) -> Tensor:
     float64 log-probabilities ``logp`` and reference probabilities ``[B, C]``."""
     if posterior.shape != logp.shape:
         raise ValueError(
-            f"the posterior gave shape {tuple(posterior.shape)} for logits of shape "
-            f"{tuple(logp.shape)}"
+            f"posterior gave shape {tuple(posterior.shape)} for logits of shape "
+            f"{tuple(logp.shape)}: it must return [B, C] probabilities, C the model's classes"
         )
     p = posterior.to(logp.device, torch.float64)
     if not (torch.isfinite(p).all() and (p >= 0).all()):
-        raise ValueError("the posterior gave negative or non-finite probabilities")
+        raise ValueError("posterior gave negative or non-finite probabilities")
     if ((p.sum(1) - 1).abs() > 1e-4).any():
-        raise ValueError("the posterior's rows must sum to 1 (to 1e-4)")
+        raise ValueError("posterior's rows must sum to 1 (to 1e-4)")
     kl = torch.special.xlogy(p, p).sum() - torch.where(p > 0, p * logp, 0.0).sum()
     agree = (logp.argmax(1) == p.argmax(1)).sum().double()
     return torch.stack([kl, agree])
+
+
+def _batch_sums(logits, targets, k, temperature, ignore_index, ece_bins):
+    """The sums :func:`report_from_sums` takes over one batch's valid rows,
+    and their float64 log-probabilities."""
+    kw = dict(temperature=temperature, ignore_index=ignore_index)
+    s, c = class_sums(logits, targets, k, **kw)
+    lsum, _ = class_sums(logits, targets, k, log_probs=True, **kw)
+    keep = targets != ignore_index
+    targets = targets[keep]
+    # Labels are checked against num_classes by class_sums; with more classes
+    # than logit columns, against the columns too (no NLL for a label without one).
+    if k > logits.shape[1] and targets.numel() and targets.max().item() >= logits.shape[1]:
+        raise ValueError(
+            f"targets hold label {targets.max().item()} but the model gives {logits.shape[1]} "
+            f"logit columns: teacher_report needs labels below the number of columns "
+            f"(num_classes={k})"
+        )
+    logp = torch.log_softmax(logits[keep].double() / temperature, dim=1)
+    confidence, predicted = logp.max(1)
+    confidence = confidence.exp()
+    hit = (predicted == targets).double()
+    prob = logp.exp()
+    # 0 log 0 = 0: a class of probability 0 (a -inf logit) adds nothing.
+    neg_entropy = torch.where(prob > 0, prob * logp, 0.0).sum()
+    extra = torch.stack([neg_entropy, hit.sum(), -logp.gather(1, targets.view(-1, 1)).sum()])
+    which = (confidence * ece_bins).ceil().long().sub(1).clamp(0, ece_bins - 1)
+    gaps = torch.zeros(ece_bins, dtype=torch.float64, device=logp.device)
+    gaps.index_add_(0, which, hit - confidence)
+    return [s.double(), lsum.double(), c, extra, gaps], logp
 
 
 @torch.no_grad()
@@ -153,7 +208,8 @@ def teacher_report(
     """Accuracy, CMI, separation, NCMI, NLL and calibration of ``model`` over
     ``loader``, and its distance to a reference posterior if one is given.
 
-    One pass in eval mode (the mode is restored afterwards), linear in the
+    One pass in eval mode (every submodule's own mode is restored afterwards,
+    also when the pass raises), linear in the
     number of samples: per-class sums of softmax and log-softmax rows through
     the class-sum kernel, the rest accumulated in float64. With
     ``torch.distributed`` initialized, sums from all ranks are added, so every
@@ -165,8 +221,9 @@ def teacher_report(
     the logits from a model that returns more (a tuple, a dict): an index, a
     key or a callable, as in :func:`mcmi_torch.estimate_centroids`.
 
-    ``posterior`` maps each batch's inputs to ``[B, C]`` reference
-    probabilities (rows summing to 1, checked to 1e-4), such as the Bayes
+    ``posterior`` maps each batch's inputs (as the loader yields them) to
+    ``[B, C]`` reference probabilities (a tensor, numpy array or nested list;
+    rows summing to 1, checked to 1e-4), such as the Bayes
     posterior of synthetic data; the report then gives the mean
     ``KL(p* || P)`` and the agreement of the arg-maxes. ``ece_bins``: the
     number of equal-width confidence bins of the ECE (bin ``b`` holds
@@ -179,29 +236,20 @@ def teacher_report(
     tapped = _TappedLoader(loader, posterior) if posterior is not None else None
     totals = None
     outputs = model_outputs(
-        model, tapped or loader, device, desc="teacher report", progress=progress, output=output
+        model,
+        tapped if tapped is not None else loader,
+        device,
+        desc="teacher report",
+        progress=progress,
+        output=output,
     )
-    for logits, targets in outputs:
-        kw = dict(temperature=temperature, ignore_index=ignore_index)
-        s, c = class_sums(logits, targets, k, **kw)
-        lsum, _ = class_sums(logits, targets, k, log_probs=True, **kw)
-        keep = targets != ignore_index
-        logp = torch.log_softmax(logits[keep].double() / temperature, dim=1)
-        targets = targets[keep]
-        confidence, predicted = logp.max(1)
-        confidence = confidence.exp()
-        hit = (predicted == targets).double()
-        prob = logp.exp()
-        # 0 log 0 = 0: a class of probability 0 (a -inf logit) adds nothing.
-        neg_entropy = torch.where(prob > 0, prob * logp, 0.0).sum()
-        extra = torch.stack([neg_entropy, hit.sum(), -logp.gather(1, targets.view(-1, 1)).sum()])
-        which = (confidence * ece_bins).ceil().long().sub(1).clamp(0, ece_bins - 1)
-        gaps = torch.zeros(ece_bins, dtype=torch.float64, device=logp.device)
-        gaps.index_add_(0, which, hit - confidence)
-        step = [s.double(), lsum.double(), c, extra, gaps]
-        if tapped is not None:
-            step.append(reference_sums(logp, tapped.latest[keep.to(tapped.latest.device)]))
-        totals = step if totals is None else [a + b for a, b in zip(totals, step)]
+    with contextlib.closing(outputs):
+        for logits, targets in outputs:
+            step, logp = _batch_sums(logits, targets, k, temperature, ignore_index, ece_bins)
+            if tapped is not None:
+                keep = (targets != ignore_index).to(tapped.latest.device)
+                step.append(reference_sums(logp, tapped.latest[keep]))
+            totals = step if totals is None else [a + b for a, b in zip(totals, step)]
     if totals is None:
         raise ValueError("the loader yielded no batch")
     return report_from_sums(*all_reduce_sum(*totals))

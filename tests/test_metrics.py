@@ -146,3 +146,85 @@ def test_a_bad_posterior_is_an_error(posterior, message):
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match=message):
         teacher_report(torch.nn.Linear(3, 2), [(x, y)], 2, progress=False, posterior=posterior)
+
+
+class _DictModel(torch.nn.Module):
+    """A model whose inputs are a dict, with a batch-norm kept in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, inputs):
+        return self.norm(self.lin(inputs["x"]))
+
+
+def _modes(model):
+    return [module.training for module in model.modules()]
+
+
+def test_each_submodule_keeps_its_own_mode_also_when_the_pass_raises():
+    """Both passes restore every submodule's own flag (not the model's flag
+    everywhere), before an error (a bad label, a bad posterior) leaves."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    bad = y.clone()
+    bad[2] = 9
+    passes = {
+        "centroids": lambda m, b: estimate_centroids(m, b, 4, progress=False),
+        "report": lambda m, b: teacher_report(m, b, 4, progress=False),
+    }
+    for name, run in passes.items():
+        for training in (True, False):
+            model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+            model.train(training)[1].eval()
+            before = _modes(model)
+            run(model, [(x, y)])
+            assert _modes(model) == before, name
+            with pytest.raises(RuntimeError, match="out of range"):
+                run(model, [(x, bad)])
+            assert _modes(model) == before, name
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).train()
+    model[0].eval()
+    with pytest.raises(ValueError, match="sum to 1"):
+        teacher_report(model, [(x, y)], 4, progress=False,
+                       posterior=lambda inputs: torch.ones(8, 4))  # fmt: skip
+    assert _modes(model) == [True, False, True]
+
+
+def test_loaders_in_every_valid_form_and_errors_that_name_the_argument():
+    """A generator with a posterior, dict inputs, list targets, a posterior
+    returning numpy or a list: the same report as tensors give. A posterior
+    of the wrong shape or kind, float targets and labels without a logit
+    column name the argument."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 3, generator=g), torch.randint(0, 4, (12,), generator=g)
+    model = _DictModel().eval()
+    posterior = lambda inputs: torch.softmax(torch.cat([inputs["x"], inputs["x"][:, :1]], 1), 1)  # noqa: E731
+    want = teacher_report(model, [({"x": x}, y)], 4, progress=False, posterior=posterior)
+    forms = {
+        "generator": ((b for b in [({"x": x}, y)]), posterior),
+        "list targets": ([({"x": x}, y.tolist())], posterior),
+        "numpy posterior": ([({"x": x}, y)], lambda inputs: posterior(inputs).numpy()),
+        "list posterior": ([({"x": x}, y)], lambda inputs: posterior(inputs).tolist()),
+    }
+    for name, (loader, post) in forms.items():
+        got = teacher_report(model, loader, 4, progress=False, posterior=post)
+        assert got == want, name
+    centroids = estimate_centroids(model, [({"x": x}, y)], 4, progress=False)
+    torch.testing.assert_close(
+        estimate_centroids(model, [({"x": x}, y.numpy())], 4, progress=False), centroids
+    )
+    errors = {
+        "posterior must return .* B = 12 samples, got shape \\(3, 4\\)": dict(
+            posterior=lambda inputs: torch.full((3, 4), 0.25)
+        ),
+        "posterior must return .* got str": dict(posterior=lambda inputs: "probabilities"),
+    }
+    for message, kw in errors.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            teacher_report(model, [({"x": x}, y)], 4, progress=False, **kw)
+    with pytest.raises(TypeError, match="targets must be a tensor of class indices"):
+        estimate_centroids(model, [({"x": x}, [0.5] * 12)], 4, progress=False)
+    with pytest.raises(ValueError, match=r"targets hold label 5 .* 4 logit columns"):
+        teacher_report(model, [({"x": x}, torch.full((12,), 5))], 6, progress=False)
