@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._args import class_means, compute_dtype
 from ._C import CENTROID_SUM_TOLERANCE
-from ._ops import unwrapped
+from ._ops import physical, unwrapped
 from .distributed import all_reduce_sum, is_distributed
 from .functional import class_sums
 
@@ -132,16 +132,27 @@ class FixedCentroids(CentroidMode):
         (``load_state_dict``, ``copy_``: its version counter). In-place writes
         through ``.data`` are invisible to the version counter (as they are to
         autograd) and are not supported."""
+        if torch._C._functorch.is_functorch_wrapped_tensor(centroids):
+            # A buffer given through a torch.func transform (functional_call,
+            # built inside grad / jvp / vmap) has no storage of its own: its
+            # values are checked at every call (every problem's under vmap).
+            self._check(physical(centroids))
+            return
         key = (centroids.data_ptr(), centroids._version)
         if self.validated is not None and self.validated[0] is centroids:
             if self.validated[1] == key:
                 return
+        self._check(centroids)
+        self.validated = (centroids, key)
+
+    @staticmethod
+    def _check(centroids: Tensor) -> None:
+        """``check_centroids`` of the rows of ``centroids`` (``[..., K, C]``)."""
         try:
             with torch.no_grad():
-                check_centroids(centroids)
+                check_centroids(centroids.reshape(-1, centroids.shape[-1]))
         except ValueError as error:
             raise ValueError(f"MCMILoss: the centroids buffer was changed: {error}") from None
-        self.validated = (centroids, key)
 
     def loaded_centroids(self, given):
         return check_centroids(given)
@@ -169,6 +180,16 @@ class BatchCentroids(CentroidMode):
         return batch_centroids(criterion, logits, target)[0]
 
 
+#: Why an 'ema' criterion is not exported, and what to export instead.
+EMA_EXPORT_UNSUPPORTED = (
+    "MCMILoss(centroids='ema') cannot be exported with torch.export: an exported graph fixes "
+    "at export time whether the step updates the buffer (the grad mode then) and which "
+    "centroids its gradient sees, where the eager criterion decides at each call. Export the "
+    "model without the criterion, or a criterion with the current centroids as fixed ones: "
+    "MCMILoss(lam, centroids=criterion.centroids.clone())"
+)
+
+
 class EmaCentroids(CentroidMode):
     """A running ``[K, K]`` buffer, a constant within the step, then updated
     with the batch centroids of the classes present."""
@@ -184,6 +205,8 @@ class EmaCentroids(CentroidMode):
         criterion.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
 
     def before_step(self, criterion, logits, target):
+        if torch.compiler.is_exporting():
+            raise RuntimeError(EMA_EXPORT_UNSUPPORTED)
         centroids = criterion.centroids
         _check_buffer_device(centroids, logits)
         if (
@@ -218,8 +241,17 @@ class EmaCentroids(CentroidMode):
         return centroids
 
     def after_step(self, criterion, logits, target, value):
-        if torch.is_grad_enabled():
-            self._update(criterion, logits, target, value)
+        if not torch.is_grad_enabled():
+            return
+        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+            # Under grad / jvp the update reads the plain tensors under the
+            # transforms' wrappers and writes the buffer outside them: the
+            # buffer takes values, not a graph (and is no captured tensor).
+            logits, target, value = unwrapped(logits), unwrapped(target), unwrapped(value)
+            with torch._C._DisableFuncTorch():
+                self._update(criterion, logits, target, value)
+            return
+        self._update(criterion, logits, target, value)
 
     @torch.no_grad()
     def _update(self, criterion: nn.Module, logits: Tensor, target: Tensor, value: Tensor) -> None:

@@ -123,6 +123,20 @@ def unwrapped(tensor: Tensor) -> Tensor | None:
     return tensor
 
 
+def physical(tensor: Tensor) -> Tensor:
+    """The values of a tensor under the wrappers of ``torch.func`` transforms:
+    the plain tensor, with the problems of each ``vmap`` level stacked in
+    front (``[..., *tensor.shape]``)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            dim = functorch.maybe_get_bdim(tensor)
+            tensor = functorch.get_unwrapped(tensor).movedim(dim, 0)
+        else:
+            tensor = functorch.get_unwrapped(tensor)
+    return tensor
+
+
 def needs_tangent(logits: Tensor, functorch: bool) -> bool:
     """True when a loss of ``logits`` must carry a forward-mode tangent: they
     are a dual tensor (``torch.autograd.forward_ad``) or a ``torch.func.jvp``

@@ -509,3 +509,63 @@ def test_no_overflow_of_z_over_t_in_any_derivative(reduction):
         grad = torch.autograd.grad(ours(x).sum(), x, create_graph=True)[0]
         got = torch.autograd.grad((grad * u).sum(), x)[0]
         torch.testing.assert_close(got.double(), hvp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, dict(label_smoothing=0.1), dict(weight=torch.rand(4))])
+def test_per_sample_gradients_of_the_module_with_vmap(centroid_mode, options):
+    """vmap of grad over MCMILoss (per-sample gradients), with the fused CE
+    term too: each problem's gradient in 'fixed' and 'batch' mode; 'ema'
+    names the problem."""
+    logits, target, q = random_problem(12, 4, dtype=torch.float64, scale=2.0)
+    z, y = logits.view(3, 4, 4), target.view(3, 4)
+    crit = make_criterion(centroid_mode, q, **options).double()
+    per_sample = torch.func.vmap(torch.func.grad(lambda a, b: crit(a, b)))
+    if centroid_mode == "ema":
+        with pytest.raises(RuntimeError, match=r"centroids='ema'\) cannot update its buffer"):
+            per_sample(z, y)
+        return
+    got = per_sample(z, y)
+    for i in range(3):
+        x = z[i].clone().requires_grad_(True)
+        crit(x, y[i]).backward()
+        torch.testing.assert_close(got[i], x.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_buffers_through_torch_func_in_every_mode():
+    """An 'ema' criterion with float64 logits (a float32 buffer) under grad
+    and jvp updates as an eager step does; fixed centroids given through
+    functional_call (a vmapped ensemble too) or built inside a transform are
+    used, and checked, like the module's own."""
+    logits, target, q = random_problem(10, 5, dtype=torch.float64, scale=2.0)
+    v = torch.randn_like(logits)
+    crit, eager = (mcmi_torch.MCMILoss(0.4, "ema", num_classes=5) for _ in range(2))
+    for _ in range(2):
+        z = logits.clone().requires_grad_(True)
+        eager(z, target).backward()
+        got = torch.func.grad(lambda x: crit(x, target))(logits)
+        torch.testing.assert_close(got, z.grad, rtol=1e-12, atol=0)
+        assert torch.equal(crit.centroids, eager.centroids)
+    tangent = torch.func.jvp(lambda x: crit(x, target), (logits,), (v,))[1]
+    eager(logits.clone().requires_grad_(True), target)
+    assert torch.equal(crit.centroids, eager.centroids) and torch.isfinite(tangent)
+    fixed = mcmi_torch.MCMILoss(0.4, q)
+    want = lambda x, c: reference.mcmi_loss(x, target, 0.4, c.double())  # noqa: E731
+    qs = torch.softmax(torch.randn(3, 5, 5, dtype=torch.float64), 2)
+    call = lambda c, x: torch.func.functional_call(fixed, {"centroids": c}, (x, target))  # noqa: E731
+    grads = torch.func.vmap(torch.func.grad(call, argnums=1), in_dims=(0, None))(qs, logits)
+    for i in range(3):
+        torch.testing.assert_close(grads[i], torch.func.grad(want)(logits, qs[i]))
+    torch.testing.assert_close(torch.func.grad(lambda x: call(qs[0], x))(logits), grads[0])
+    bad = qs.clone()
+    bad[1, 2, 0] += 0.5
+    with pytest.raises(ValueError, match="centroids buffer was changed: centroids rows must sum"):
+        torch.func.vmap(call, in_dims=(0, None))(bad, logits)
+
+    def built_inside(x):
+        return mcmi_torch.MCMILoss(0.4, torch.softmax(x.detach()[:5], 1))(x, target)
+
+    inside = torch.softmax(logits[:5], 1)
+    torch.testing.assert_close(torch.func.grad(built_inside)(logits),
+                               torch.func.grad(want)(logits, inside))  # fmt: skip
+    expected = torch.func.jvp(lambda x: want(x, inside), (logits,), (v,))[1]
+    torch.testing.assert_close(torch.func.jvp(built_inside, (logits,), (v,))[1], expected)
