@@ -34,6 +34,19 @@ TORCHSCRIPT_UNSUPPORTED = (
 )
 
 
+def unscriptable(function):
+    """``function``, marked so that ``torch.jit.script`` of it, or of code
+    that calls it, raises :data:`TORCHSCRIPT_UNSUPPORTED`: TorchScript
+    compiles a function's body before any check in it runs, but first calls
+    the function's ``__prepare_scriptable__``."""
+
+    def prepare_scriptable():
+        raise RuntimeError(TORCHSCRIPT_UNSUPPORTED)
+
+    function.__prepare_scriptable__ = prepare_scriptable
+    return function
+
+
 def refuse_torchscript() -> None:
     """Raises under ``torch.jit.trace``, which would record the op without
     its Python autograd formula."""

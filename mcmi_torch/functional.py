@@ -10,6 +10,7 @@ from torch import Tensor
 from . import _args, _ops
 
 
+@_args.unscriptable
 def flatten_classes(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, torch.Size | None]:
     """Logits and targets as the fused op takes them, as ``nn.CrossEntropyLoss``
     reads them: ``[N, C, d1, ...]`` logits with ``[N, d1, ...]`` targets become
@@ -67,6 +68,7 @@ def _cmi_term(logits, target, centroids, cmi_weight, temperature, ignore_index, 
     return unflatten(value, shape)
 
 
+@_args.unscriptable
 def cmi(
     logits: Tensor,
     target: Tensor,
@@ -114,6 +116,7 @@ def cmi(
     return _cmi_term(logits, target, centroids, 1.0, temperature, ignore_index, reduction)
 
 
+@_args.unscriptable
 def mcmi(
     logits: Tensor,
     target: Tensor,
@@ -133,6 +136,7 @@ def mcmi(
     return _cmi_term(logits, target, centroids, -1.0, temperature, ignore_index, reduction)
 
 
+@_args.unscriptable
 def loss(
     logits: Tensor,
     target: Tensor,
@@ -181,6 +185,7 @@ def loss(
     return torch.ops.mcmi.loss.default(logits, target, centroids, *args)[0]
 
 
+@_args.unscriptable
 def class_sums(
     logits: Tensor,
     target: Tensor,

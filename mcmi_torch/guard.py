@@ -110,14 +110,17 @@ class CollapseGuard:
     Batches it cannot read are counted but not checked: meta tensors, calls
     inside ``torch.func.vmap`` (``grad`` and ``jvp`` are fine), under
     ``torch.compile`` and during CUDA graph capture. ``fired`` records whether
-    it warned.
+    it warned. Its state (``armed``, ``best``, ``fired``) lives on the
+    object, not in a criterion's ``state_dict``: a criterion rebuilt from a
+    checkpoint starts with a fresh, unarmed guard (``copy.deepcopy`` and
+    pickling a whole criterion keep it).
 
     Args:
         every: check one batch in this many (an int >= 1).
     """
 
     def __init__(self, every: int = 20) -> None:
-        self.every = check_int("every", every, minimum=1)
+        self.every = every
         self.calls = 0
         self.last = None
         self.last_count = 0
@@ -125,6 +128,15 @@ class CollapseGuard:
         self.armed = False
         self.fired = False
         self._pending: deque[tuple[_HostCounts, int, float]] = deque()
+
+    @property
+    def every(self) -> int:
+        """Check one batch in this many; an int >= 1, checked when set."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        self._every = check_int("every", value, minimum=1)
 
     def __getstate__(self) -> dict:
         """Copies and pickles (``copy.deepcopy``, ``torch.save`` of a

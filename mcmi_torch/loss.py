@@ -73,7 +73,9 @@ class MCMILoss(nn.Module):
             calls made with ``lam > 0``: it warns once if the training-batch
             accuracy falls towards chance, as it does when ``lam`` is too large
             (docs/math.md, "Collapse"), without a device sync. Set it to
-            ``None`` to turn it off.
+            ``None`` to turn it off, or to another ``CollapseGuard`` (anything
+            else raises ``TypeError``). Its state is not in ``state_dict``: a
+            criterion loaded from a checkpoint starts with an unarmed guard.
 
     Centroid state: ``load_state_dict`` validates loaded centroids as the
     constructor does (fixed ones are renormalized); fixed centroids modified
@@ -141,6 +143,20 @@ class MCMILoss(nn.Module):
         if not math.isfinite(value):
             raise ValueError(f"lam must be finite, got {value}")
         self._lam = value
+
+    @property
+    def guard(self) -> CollapseGuard | None:
+        """The collapse guard fed the training calls (``None``: off)."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, value: CollapseGuard | None) -> None:
+        if value is not None and not isinstance(value, CollapseGuard):
+            raise TypeError(
+                f"guard must be a mcmi_torch.guard.CollapseGuard or None (off), got "
+                f"{type(value).__name__}"
+            )
+        self._guard = value
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` calls this first: TorchScript is not supported."""

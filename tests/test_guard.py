@@ -267,3 +267,29 @@ def test_suggest_lambda_validates_centroids_as_the_criterion_does(centroids, err
     if isinstance(centroids, torch.Tensor) and centroids.dim() == 2:
         with pytest.raises(error, match=message):
             mcmi_torch.MCMILoss(0.3, centroids)
+
+
+def test_guard_attributes_are_checked_when_set():
+    """every is checked on assignment as in the constructor; the criterion's
+    guard is a CollapseGuard or None; a reloaded criterion starts unarmed."""
+    crit = mcmi_torch.MCMILoss(0.3)
+    for every, error in [(0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="every must be"):
+            crit.guard.every = every
+    assert crit.guard.every == 20
+    crit.guard.every = 3
+    assert crit.guard.every == 3 and copy.deepcopy(crit).guard.every == 3
+    for value in (False, "off", object()):
+        with pytest.raises(
+            TypeError, match=r"guard must be a mcmi_torch\.guard\.CollapseGuard or None"
+        ):
+            crit.guard = value
+    crit.guard = None
+    z = torch.randn(6, 5, requires_grad=True)
+    crit(z, torch.randint(0, 5, (6,))).backward()
+    crit.guard = CollapseGuard(every=1)
+    crit.guard.armed, crit.guard.best = True, 0.9
+    assert not any("guard" in key for key in crit.state_dict())
+    fresh = mcmi_torch.MCMILoss(0.3)
+    fresh.load_state_dict(crit.state_dict())
+    assert not fresh.guard.armed and fresh.guard.best == 0.0

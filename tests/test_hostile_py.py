@@ -427,6 +427,19 @@ class _Model(torch.nn.Module):
         return self.crit(self.lin(x), y)
 
 
+def _calls_cmi(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return mcmi_torch.cmi(z, y) + 1
+
+
+def _calls_mcmi(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return mcmi_torch.mcmi(z, y, reduction="sum")
+
+
+class _SumsModel(torch.nn.Module):
+    def forward(self, z: torch.Tensor, y: torch.Tensor):
+        return mcmi_torch.class_sums(z, y, 5)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 def test_torchscript_is_refused_clearly_and_export_works():
     x, y = torch.randn(8, 4), torch.randint(0, 5, (8,))
@@ -435,6 +448,10 @@ def test_torchscript_is_refused_clearly_and_export_works():
         "script a model": lambda: torch.jit.script(_Model()),
         "trace a model": lambda: torch.jit.trace(_Model(), (x, y)),
         "trace cmi": lambda: torch.jit.trace(lambda z: mcmi_torch.cmi(z, y), (torch.randn(8, 5),)),
+        "script cmi": lambda: torch.jit.script(mcmi_torch.cmi),
+        "script a function calling cmi": lambda: torch.jit.script(_calls_cmi),
+        "script a function calling mcmi": lambda: torch.jit.script(_calls_mcmi),
+        "script a model calling class_sums": lambda: torch.jit.script(_SumsModel()),
     }
     for what, attempt in attempts.items():
         with pytest.raises(RuntimeError, match=r"does not support TorchScript.*torch\.compile"):
@@ -442,4 +459,25 @@ def test_torchscript_is_refused_clearly_and_export_works():
             pytest.fail(what)
     model = _Model()
     exported = torch.export.export(model, (x, y)).module()
+    torch.testing.assert_close(exported(x, y), model(x, y))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_exporting_an_ema_criterion_is_refused_clearly(strict):
+    """An exported graph would fix the grad mode of export time (whether the
+    EMA updates, which centroids the gradient sees): torch.export of an 'ema'
+    criterion raises, with or without grad, and says what to export instead;
+    the fixed centroids it suggests export and match eager."""
+    x, y = torch.randn(8, 4), torch.randint(0, 5, (8,))
+    model = _Model()
+    model.crit = mcmi_torch.MCMILoss(0.3, "ema", num_classes=5)
+    message = (
+        r"centroids='ema'\) cannot be exported with torch\.export.*criterion\.centroids\.clone"
+    )
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=message):
+            torch.export.export(model, (x, y), strict=strict)
+    assert not model.crit.seen.any()
+    model.crit = mcmi_torch.MCMILoss(0.3, model.crit.centroids.clone())
+    exported = torch.export.export(model, (x, y), strict=strict).module()
     torch.testing.assert_close(exported(x, y), model(x, y))
