@@ -26,23 +26,29 @@ def split_batch(batch) -> tuple[Any, Tensor]:
     """``(inputs, targets)`` from a loader batch: a pair, or a longer tuple
     whose first two entries are those (RepDistiller's instance loaders yield
     ``(img, target, index)``). The inputs are as the loader gives them (a
-    tensor, or a dict, list or tuple of them); the targets a tensor of class
-    indices, or a list or numpy array of them (made a tensor)."""
+    tensor, or a dict, list or tuple of them); the targets ``[B]`` class
+    indices of any integer dtype, as a tensor, a list or a numpy array (made
+    an int64 tensor)."""
     if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
         got = type(batch).__name__
         raise TypeError(f"each batch must be an (inputs, targets, ...) tuple or list, got {got}")
     inputs, targets = batch[0], batch[1]
-    if not isinstance(targets, Tensor):
+    if targets is not None and not isinstance(targets, Tensor):
         try:
             targets = torch.as_tensor(targets)
         except (TypeError, ValueError, RuntimeError):
             targets = None
-        if targets is None or targets.is_floating_point() or targets.is_complex():
-            raise TypeError(
-                f"each batch's targets must be a tensor of class indices (or a list or numpy "
-                f"array of them), got {type(batch[1]).__name__}"
-            )
-    return inputs, targets
+    if targets is None or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(
+            f"each batch's targets must be a tensor of class indices (or a list or numpy "
+            f"array of them), got {type(batch[1]).__name__}"
+            + (f" of {targets.dtype}" if targets is not None else "")
+        )
+    if targets.dim() != 1:
+        raise ValueError(
+            f"each batch's targets must be 1-D [B] class indices, got shape {list(targets.shape)}"
+        )
+    return inputs, targets.long()
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:

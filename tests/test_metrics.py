@@ -205,6 +205,7 @@ def test_loaders_in_every_valid_form_and_errors_that_name_the_argument():
     forms = {
         "generator": ((b for b in [({"x": x}, y)]), posterior),
         "list targets": ([({"x": x}, y.tolist())], posterior),
+        "int32 targets": ([({"x": x}, y.int())], posterior),
         "numpy posterior": ([({"x": x}, y)], lambda inputs: posterior(inputs).numpy()),
         "list posterior": ([({"x": x}, y)], lambda inputs: posterior(inputs).tolist()),
     }
@@ -226,5 +227,9 @@ def test_loaders_in_every_valid_form_and_errors_that_name_the_argument():
             teacher_report(model, [({"x": x}, y)], 4, progress=False, **kw)
     with pytest.raises(TypeError, match="targets must be a tensor of class indices"):
         estimate_centroids(model, [({"x": x}, [0.5] * 12)], 4, progress=False)
+    with pytest.raises(
+        ValueError, match=r"targets must be 1-D \[B\] class indices, got shape \[12, 1\]"
+    ):
+        teacher_report(model, [({"x": x}, y.unsqueeze(1))], 4, progress=False)
     with pytest.raises(ValueError, match=r"targets hold label 5 .* 4 logit columns"):
         teacher_report(model, [({"x": x}, torch.full((12,), 5))], 6, progress=False)
