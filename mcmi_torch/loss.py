@@ -243,6 +243,12 @@ class MCMILoss(nn.Module):
         logits = _args.autocast_float32(logits)
         centroids = self.centroid_mode.before_step(self, logits, target)
         fused_ce = self.weight is None and self.label_smoothing == 0.0
+        if not fused_ce and self.num_classes is not None and self.num_classes > logits.shape[1]:
+            # What the fused op says when it computes the CE term itself.
+            raise RuntimeError(
+                f"mcmi: cross-entropy needs labels that index the logits, but num_classes "
+                f"({self.num_classes}) > logits columns ({logits.shape[1]})"
+            )
         value = loss(
             logits,
             target,

@@ -281,3 +281,16 @@ def test_tuple_models_with_an_output_selector():
                 with pytest.raises(ValueError, match=rf"output={bad!r} cannot pick the logits "
                                    r"from the model's tuple \((Index|Type)Error"):  # fmt: skip
                     fn(model, loader, 4, progress=False, output=bad)
+
+
+@pytest.mark.parametrize("options", [{}, dict(label_smoothing=0.1), dict(weight=torch.ones(4))])
+@pytest.mark.parametrize("mode", ["fixed", "batch"])
+def test_more_classes_than_logit_columns_names_num_classes_with_every_option(mode, options):
+    """The CE term needs labels that index the logits: with num_classes > C
+    the criterion says so, whichever computes the CE term (the fused op, or
+    F.cross_entropy with weight or label smoothing)."""
+    logits, target, q = random_problem(6, 4, classes=6)
+    target[0] = 5
+    crit = mcmi_torch.MCMILoss(LAM, q if mode == "fixed" else mode, num_classes=6, **options)
+    with pytest.raises(RuntimeError, match=r"num_classes \(6\) > logits columns \(4\)"):
+        crit(logits, target)
