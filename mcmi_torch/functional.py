@@ -179,7 +179,10 @@ def loss(
         code,
         with_grad,
     )
-    if tangent or (with_grad and not torch.compiler.is_compiling()):
+    compiling = torch.compiler.is_compiling()
+    if tangent or ((with_grad or functorch) and not compiling):
+        # Under torch.func transforms, also without a gradient: vmap then
+        # takes the _FuncLoss rule, one kernel call per problem.
         function = _ops._FuncLoss if functorch else _ops._EagerLoss
         return function.apply(logits, target, centroids, args)[0]
     return torch.ops.mcmi.loss.default(logits, target, centroids, *args)[0]

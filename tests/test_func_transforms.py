@@ -569,3 +569,27 @@ def test_buffers_through_torch_func_in_every_mode():
                                torch.func.grad(want)(logits, inside))  # fmt: skip
     expected = torch.func.jvp(lambda x: want(x, inside), (logits,), (v,))[1]
     torch.testing.assert_close(torch.func.jvp(built_inside, (logits,), (v,))[1], expected)
+
+
+@pytest.fixture
+def no_vmap_fallback():
+    """vmap raises where it would fall back to a slow loop over an op."""
+    functorch = torch._C._functorch
+    enabled = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)
+    yield
+    functorch._set_vmap_fallback_enabled(enabled)
+
+
+def test_vmap_without_a_gradient_uses_the_losses_rule(no_vmap_fallback):
+    """vmap of cmi with nothing to differentiate, and of an 'ema' criterion
+    under no_grad, take the losses' own vmap rule (one kernel call per
+    problem), not torch's fallback with its performance warning."""
+    logits, target, q = random_problem(18, 4, ignore=0.2)
+    z, y = logits.view(3, 6, 4), target.view(3, 6)
+    got = torch.func.vmap(lambda a, b: mcmi_torch.cmi(a, b, q, reduction="none"))(z, y)
+    want = [reference.cmi(z[i].double(), y[i], q, reduction="none") for i in range(3)]
+    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-5, atol=1e-7)
+    crit = mcmi_torch.MCMILoss(0.3, "ema", num_classes=4)
+    with torch.no_grad():
+        torch.func.vmap(crit)(z, y)
