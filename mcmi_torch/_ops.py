@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._functorch.autograd_function import enable_single_level_autograd_function
 from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
 from . import _C, _cuda  # noqa: F401  (register the ops, the CPU and CUDA kernels)
@@ -171,12 +172,6 @@ def _setup(ctx, logits, target, centroids, args: _LossArgs, grad) -> None:
     ctx.centroids_version = _version(centroids)
     ctx.save_for_backward(grad, logits, target)
     ctx.save_for_forward(logits, target)
-
-
-def _loss_setup_context(ctx, inputs, output):
-    """setup_context of the op's registered autograd (the op's 12 inputs)."""
-    logits, target, centroids, *args = inputs
-    _setup(ctx, logits, target, centroids, _LossArgs(*args), output[1])
 
 
 def _valid_rows(logits, target, args):
@@ -400,29 +395,22 @@ def _logits_grad(ctx, grad_loss):
     return grad
 
 
-def _loss_backward(ctx, grad_loss, _unused):
-    """backward of the op's registered autograd (the op's 12 inputs)."""
-    return (_logits_grad(ctx, grad_loss),) + (None,) * 11
-
-
-torch.library.register_autograd("mcmi::loss", _loss_backward, setup_context=_loss_setup_context)
-
-
 # torch.library's own autograd wrapper uses this guard; without it (a future
 # torch), dispatch still works, only through the Python autograd kernel.
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
 class _EagerLoss(torch.autograd.Function):
-    """The registered autograd formula of mcmi::loss (same setup and
-    gradient) as a plain autograd.Function: in eager mode it costs a fraction
-    of torch.library's per-call autograd wrapper. Traced calls use the op.
-    Its inputs are the op's three tensors and a ``_LossArgs`` of the rest
-    (every input costs autograd time per call).
+    """The autograd formula of mcmi::loss as an autograd.Function. Eager
+    calls apply it directly (a fraction of the cost of dispatching through the
+    op's Python Autograd kernel); the op's Autograd kernel (_loss_autograd)
+    applies it for the calls in graphs (torch.compile, torch.export). Its
+    inputs are the op's three tensors and a ``_LossArgs`` of the rest (every
+    input costs autograd time per call).
 
     The op is dispatched below the autograd key (as torch.library does inside
     its own wrapper), straight to the kernel rather than through its Python
-    autograd registration."""
+    Autograd kernel."""
 
     @staticmethod
     def forward(ctx, logits, target, centroids, args):
@@ -467,18 +455,53 @@ class _FuncLoss(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        """Under ``vmap`` (``jacfwd``, per-sample gradients): one call per
-        batch entry of the batched tensors, results stacked along dim 0.
-        (Only tensors are batched; the ``_LossArgs`` get no int dim.)"""
-        if not any(isinstance(dim, int) for dim in in_dims):
-            return _FuncLoss.apply(*args), (None, None)
-        outputs = [
-            _FuncLoss.apply(
-                *(
-                    arg.select(dim, index) if isinstance(dim, int) else arg
-                    for arg, dim in zip(args, in_dims)
-                )
+        """Under ``vmap`` (``jacfwd``, per-sample gradients): see _per_problem."""
+        return _per_problem(_FuncLoss.apply, info, in_dims, args)
+
+
+def _per_problem(call, info, in_dims, args):
+    """The vmap rule of the loss: one ``call`` per batch entry of the batched
+    tensors, results stacked along dim 0. (Only tensors are batched; the
+    other arguments get no int dim.)"""
+    if not any(isinstance(dim, int) for dim in in_dims):
+        return call(*args), (None, None)
+    outputs = [
+        call(
+            *(
+                arg.select(dim, index) if isinstance(dim, int) else arg
+                for arg, dim in zip(args, in_dims)
             )
-            for index in range(info.batch_size)
-        ]
-        return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)
+        )
+        for index in range(info.batch_size)
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)
+
+
+def _loss_autograd(logits, target, centroids, *args):
+    """The Autograd kernel of ``mcmi::loss``, the op as graphs call it
+    (``torch.compile``, a module from ``torch.export``): the
+    autograd.Functions of the eager path, so that a graph's op has the same
+    backward, double backward, forward mode and ``torch.func`` rules as an
+    eager call (torch.library's own autograd wrapper has no forward mode and
+    no ``torch.func`` support)."""
+    args = _LossArgs(*args)
+    functorch = torch._C._are_functorch_transforms_active()
+    if needs_tangent(logits, functorch) or (torch.is_grad_enabled() and logits.requires_grad):
+        # Here torch.func has already unwrapped the tensors of its level: an
+        # autograd node on them is what that level differentiates, as for a
+        # C++ op (autograd.Function.apply would hand them to torch.func again).
+        with enable_single_level_autograd_function():
+            return super(torch.autograd.Function, _EagerLoss).apply(logits, target, centroids, args)
+    with _below_autograd():
+        return torch.ops.mcmi.loss.default(logits, target, centroids, *args)
+
+
+def _loss_vmap(info, in_dims, *args):
+    """The op's vmap rule (a graph's op under ``vmap``): see _per_problem."""
+    return _per_problem(torch.ops.mcmi.loss.default, info, in_dims, args)
+
+
+# Kept alive: the registrations last as long as the Library object.
+_GRAPH_RULES = torch.library.Library("mcmi", "IMPL")
+_GRAPH_RULES.impl("loss", _loss_autograd, "Autograd")
+torch.library.register_vmap("mcmi::loss", _loss_vmap, lib=_GRAPH_RULES)

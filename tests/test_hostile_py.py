@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from conftest import SMALL_PROBLEMS, make_criterion, random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -481,3 +482,40 @@ def test_exporting_an_ema_criterion_is_refused_clearly(strict):
     model.crit = mcmi_torch.MCMILoss(0.3, model.crit.centroids.clone())
     exported = torch.export.export(model, (x, y), strict=strict).module()
     torch.testing.assert_close(exported(x, y), model(x, y))
+
+
+@pytest.mark.parametrize(
+    ("mode", "reduction"),
+    [("fixed", "none"), ("batch", "none"), ("fixed", "mean"), ("batch", "sum")],
+)
+def test_an_exported_module_has_the_eager_derivatives(mode, reduction):
+    """A module from torch.export calls torch.ops.mcmi.loss itself: forward
+    mode (jvp, dual numbers), torch.func (grad, hessian, vmap of grad and
+    vmap) and create_graph give what the eager module gives, padding in
+    ignored rows and -inf logits included."""
+    logits, target, q = random_problem(6, 4, dtype=torch.float64, ignore=0.0)
+    target[2] = -100
+    crit = make_criterion(mode, q, reduction=reduction).double()
+    exported = torch.export.export(crit, (logits, target)).module()
+    z = logits.clone()
+    z[2], z[0, 3] = math.nan, -math.inf
+    v = torch.randn_like(z)
+    outputs = {}
+    for name, fn in (("eager", crit), ("exported", exported)):
+        f = lambda x, fn=fn: fn(x, target).sum()  # noqa: E731
+        x = z.clone().requires_grad_(True)
+        grad = torch.autograd.grad(f(x), x, create_graph=True)[0]
+        with fwAD.dual_level():
+            dual = fwAD.unpack_dual(f(fwAD.make_dual(z, v))).tangent
+        outputs[name] = [
+            torch.func.jvp(lambda x, fn=fn: fn(x, target), (z,), (v,))[1],
+            dual,
+            torch.func.grad(f)(z),
+            torch.func.hessian(f)(z),
+            torch.autograd.grad((grad * v).sum(), x)[0],
+            torch.func.vmap(torch.func.grad(f))(torch.stack([z, logits])),
+            torch.func.vmap(lambda x, fn=fn: fn(x, target))(torch.stack([z, logits])),
+        ]
+    for got, want in zip(outputs["exported"], outputs["eager"]):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
