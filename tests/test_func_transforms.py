@@ -421,9 +421,8 @@ def test_every_order_of_cmi_selects_out_ignored_rows(seed):
     second derivatives equal torch's AD of the float64 reference on the
     valid rows alone, whatever padding the ignored rows hold and with -inf
     logits in valid rows; vmap of grad gives each problem's gradient."""
-    for case, (batch, reduction, temperature) in enumerate(
-        [(b, r, t) for b in (False, True) for r in REDUCTIONS for t in (0.5, 2.5)]
-    ):
+    for case, (batch, reduction) in enumerate([(b, r) for b in (False, True) for r in REDUCTIONS]):
+        temperature = [0.5, 2.5][(seed + case) % 2]
         classes = 5 if batch else 3 + (seed + case) % 4
         z, y, ignore, v, w, u, q = padded_problem(100 * seed + case, classes=classes)
         q = None if batch else q
@@ -434,7 +433,7 @@ def test_every_order_of_cmi_selects_out_ignored_rows(seed):
         want = on_valid_rows(
             lambda a, b, s=sign, q=q, kw=kw: s * reference.cmi(a, b, q, **kw), y, ignore, reduction
         )
-        every_order(ours, want, z, v, w, u, second=case % 3 == 0)
+        every_order(ours, want, z, v, w, u, second=(seed + case) % 3 == 0)
     zs, ys = torch.stack([z, z.flip(0)]), torch.stack([y, y.flip(0)])
     got = torch.func.vmap(
         torch.func.grad(lambda a, b: mcmi_torch.cmi(a, b, q, ignore_index=ignore))
