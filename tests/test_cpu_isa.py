@@ -28,7 +28,7 @@ import mcmi_torch
 torch.set_num_threads(2)
 out = {"isa": mcmi_torch.cpu_isa()}
 gen = torch.Generator().manual_seed(7)
-shapes = [(3, 1, 1), (7, 5, 5), (33, 37, 10), (19, 1031, 7), (70, 600, 60)]
+shapes = [(3, 1, 1), (7, 5, 5), (33, 37, 10), (19, 1031, 7)]
 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
     for b, c, k in shapes:
         wide = 3.0 * torch.randn(b, c + 3, generator=gen, dtype=torch.float64)
