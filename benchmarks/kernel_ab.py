@@ -3,9 +3,10 @@ revision (--base) against the working tree's, each compiled by gcc with the C fl
 its own setup.py (the -ffp-contract choice included) into a shared library that ctypes
 loads. float32 loss + gradient with fixed and in-batch centroids (T = 4, CE weight 1,
 CMI weight -0.25, mean) and the EMA update, at the benchmark's main shapes, 1 thread.
-The two builds take turns call by call (a slow spell of a shared machine falls on both);
-the table gives each build's median call time and new / base. With --isa the new build
-runs that instruction set (mcmi_cpu_set_isa; builds that have it):
+The two builds take turns, ten calls at a time (a slow spell of a shared machine falls on
+both); the table gives the median over the turns of each build's best call of the ten (a
+call now and then takes several times as long, on either build) and new / base. With
+--isa the new build runs that instruction set (mcmi_cpu_set_isa; builds that have it):
 
     python benchmarks/kernel_ab.py --base HEAD~3
     python benchmarks/kernel_ab.py --base HEAD~3 --isa baseline
@@ -133,9 +134,12 @@ def main() -> None:
                 end = time.perf_counter() + args.budget
                 while time.perf_counter() < end or len(times["new"]) < 5:
                     for name, call in calls.items():
-                        t0 = time.perf_counter()
-                        call()
-                        times[name].append(time.perf_counter() - t0)
+                        best = float("inf")
+                        for _ in range(10):
+                            t0 = time.perf_counter()
+                            call()
+                            best = min(best, time.perf_counter() - t0)
+                        times[name].append(best)
                 b, n = (1e3 * statistics.median(times[k]) for k in ("base", "new"))
                 op = "EMA update" if mode == "ema" else f"{mode} (loss + gradient)"
                 print(f"| {rows} x {cols} | {op} | {b:.4g} | {n:.4g} | {n / b:.2f}x |", flush=True)
