@@ -156,6 +156,37 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
                                 int64_t *bad_index);
 
 /*
+ * The instruction sets the CPU kernels are built for: on x86-64 (built with
+ * GCC) all three, elsewhere the baseline alone. Every one computes bitwise
+ * the same results; they differ in speed only.
+ */
+typedef enum {
+  MCMI_ISA_BASELINE = 0, /* x86-64 (SSE2), or the target's baseline */
+  MCMI_ISA_AVX2 = 1,     /* x86-64-v3: AVX2, FMA */
+  MCMI_ISA_AVX512 = 2    /* x86-64-v4: AVX-512 F, BW, CD, DQ, VL */
+} mcmi_isa;
+
+/* The number of instruction sets: they are 0 .. MCMI_ISA_COUNT - 1. */
+#define MCMI_ISA_COUNT 3
+
+/* "baseline", "avx2" or "avx512"; NULL for a value outside mcmi_isa. */
+const char *mcmi_cpu_isa_name(mcmi_isa isa);
+
+/* Non-zero when the kernels are built for isa and this CPU runs it. */
+int mcmi_cpu_isa_supported(mcmi_isa isa);
+
+/* The instruction set the CPU kernels run: the one last set by
+ * mcmi_cpu_set_isa, else the best this CPU supports. */
+mcmi_isa mcmi_cpu_get_isa(void);
+
+/*
+ * Runs the CPU kernels with isa from now on; MCMI_ERROR_ARGUMENT (and no
+ * change) when isa is unknown, not built, or not run by this CPU. Not to be
+ * called while a kernel runs in another thread.
+ */
+mcmi_status mcmi_cpu_set_isa(mcmi_isa isa);
+
+/*
  * In place: x[i, :] *= scale[i * scale_stride] for every row, with
  * scale_stride 0 for one scale for all rows. x and scale share `dtype`;
  * the product is formed in float32 (float64 for MCMI_FLOAT64).

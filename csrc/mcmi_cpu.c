@@ -18,25 +18,51 @@
 #include "mcmi_math.h"
 
 /*
- * Row loops are compiled for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and
- * the x86-64 baseline, and the loader picks the best the CPU runs; results
- * are bitwise identical on one machine, run after run. MCMI_PORTABLE builds
- * the baseline alone (the tests build both).
+ * The kernels are compiled once per instruction set of mcmi_isa (mcmi.h):
+ * on x86-64 with GCC for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and
+ * the x86-64 baseline, elsewhere (or with MCMI_PORTABLE) for the baseline
+ * alone. Every build computes bitwise the same results: no contraction into
+ * FMA (the build passes -ffp-contract=off; the baseline has no FMA), exp
+ * and log of mcmi_math.h (never libm's, which glibc picks by CPU), and
+ * every reduction over MCMI_LANES fixed lanes added in one fixed order
+ * (MCMI_LANE_LOOP), whatever width the instruction set gives a vector.
  */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) &&         \
     !defined(MCMI_PORTABLE)
-#define MCMI_CLONES                                                            \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MCMI_X86_LEVELS 1
 #else
-#define MCMI_CLONES
+#define MCMI_X86_LEVELS 0
 #endif
-/* Elements per padded vector of a block's remainder (mcmi_cpu_kernels.inc). */
-#define MCMI_TAIL 16
+/* Lanes of every reduction: lane l takes the elements l, l + MCMI_LANES,
+ * l + 2 MCMI_LANES, ... of its loop. */
+#define MCMI_LANES 16
 /* Elements per block of a row reduction (see mcmi_cpu_kernels.inc). */
 #define MCMI_BLOCK 512
 
-/* Helpers of row loops are inlined into every clone, so each gets the
- * clone's instruction set (a call would reach a baseline copy). */
+/*
+ * Runs the statements of the variadic argument for j = 0 .. n - 1, with l =
+ * j % MCMI_LANES the lane of element j: each group of MCMI_LANES elements
+ * is one SIMD loop, whose iterations touch their own lane only (so the
+ * vector width cannot change a result), then the rest of the elements.
+ */
+#define MCMI_LANE_LOOP(n, ...)                                                 \
+  do {                                                                         \
+    const int64_t lane_n_ = (n);                                               \
+    int64_t lane_j0_ = 0;                                                      \
+    for (; lane_j0_ + MCMI_LANES <= lane_n_; lane_j0_ += MCMI_LANES) {         \
+      _Pragma("omp simd") for (int l = 0; l < MCMI_LANES; ++l) {               \
+        const int64_t j = lane_j0_ + l;                                        \
+        __VA_ARGS__                                                            \
+      }                                                                        \
+    }                                                                          \
+    _Pragma("omp simd") for (int l = 0; l < (int)(lane_n_ - lane_j0_); ++l) {  \
+      const int64_t j = lane_j0_ + l;                                          \
+      __VA_ARGS__                                                              \
+    }                                                                          \
+  } while (0)
+
+/* Helpers of row loops are inlined into every instruction set's kernels,
+ * so each gets that instruction set. */
 #define MCMI_INLINE static inline __attribute__((always_inline))
 
 /* Per-block statistics of one row of the loss (mcmi_cpu_kernels.inc): the
@@ -227,71 +253,8 @@ static inline int single_row_slot(const int64_t *start, int64_t c) {
   return start[c + 1] - start[c] == 1;
 }
 
-/*
- * The CPU kernels of each logits type: every block defines all the macros
- * mcmi_cpu_kernels.inc reads (it undefines them), so no setting carries
- * over from one type to the next.
- */
-
-/* float32: loss_f32, class_accumulate_f32, ema_update_f32, scale_rows_f32 */
-#define SFX f32
-#define LOGIT_T float
-#define ACC_T float
-#define LOAD(x) (x)
-#define STORE(x) (x)
-#define EXP mcmi_expf
-#define LOG mcmi_logf
-#define KL_G mcmi_kl_g_f32
-#define ACC_MAX FLT_MAX
-#define ACC_TINY FLT_MIN
-#define ACC_TRUE_MIN FLT_TRUE_MIN
-#include "mcmi_cpu_kernels.inc"
-
-/* float64: loss_f64, class_accumulate_f64, ema_update_f64, scale_rows_f64 */
-#define SFX f64
-#define LOGIT_T double
-#define ACC_T double
-#define LOAD(x) (x)
-#define STORE(x) (x)
-#define EXP exp
-#define LOG log
-#define KL_G mcmi_kl_g_f64
-#define ACC_MAX DBL_MAX
-#define ACC_TINY DBL_MIN
-#define ACC_TRUE_MIN DBL_TRUE_MIN
-#include "mcmi_cpu_kernels.inc"
-
-/* bfloat16: loss_bf16, class_accumulate_bf16, ema_update_bf16,
- * scale_rows_bf16 */
-#define SFX bf16
-#define LOGIT_T uint16_t
-#define ACC_T float
-#define LOAD(x) mcmi_bf16_load(x)
-#define STORE(x) mcmi_bf16_store(x)
-#define EXP mcmi_expf
-#define LOG mcmi_logf
-#define KL_G mcmi_kl_g_f32
-#define ACC_MAX FLT_MAX
-#define ACC_TINY FLT_MIN
-#define ACC_TRUE_MIN FLT_TRUE_MIN
-#include "mcmi_cpu_kernels.inc"
-
-/* float16: loss_f16, class_accumulate_f16, ema_update_f16, scale_rows_f16 */
-#define SFX f16
-#define LOGIT_T uint16_t
-#define ACC_T float
-#define LOAD(x) mcmi_f16_load(x)
-#define STORE(x) mcmi_f16_store(x)
-#define EXP mcmi_expf
-#define LOG mcmi_logf
-#define KL_G mcmi_kl_g_f32
-#define ACC_MAX FLT_MAX
-#define ACC_TINY FLT_MIN
-#define ACC_TRUE_MIN FLT_TRUE_MIN
-#include "mcmi_cpu_kernels.inc"
-
 /* The kernels of one logits type; the entry points below pick a row of
- * this table once, after checking the dtype. */
+ * the current instruction set's table once, after checking the dtype. */
 typedef struct {
   mcmi_status (*loss)(const mcmi_problem *p, const loss_layout *lay,
                       int64_t valid, void *loss, int64_t loss_stride,
@@ -308,18 +271,87 @@ typedef struct {
                      const void *scale, int64_t scale_stride, int nt);
 } cpu_kernels;
 
-#define MCMI_KERNELS_OF(sfx)                                                   \
-  {loss_##sfx, class_accumulate_##sfx, ema_update_##sfx, scale_rows_##sfx}
-static const cpu_kernels kernels_by_dtype[] = {
-    [MCMI_FLOAT32] = MCMI_KERNELS_OF(f32),
-    [MCMI_FLOAT64] = MCMI_KERNELS_OF(f64),
-    [MCMI_BFLOAT16] = MCMI_KERNELS_OF(bf16),
-    [MCMI_FLOAT16] = MCMI_KERNELS_OF(f16),
+/* The kernels of every logits type for each instruction set: the table
+ * kernels_<ISA>[MCMI_DTYPE_COUNT] (mcmi_cpu_isa.inc). */
+#if MCMI_X86_LEVELS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define ISA avx512
+#include "mcmi_cpu_isa.inc"
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define ISA avx2
+#include "mcmi_cpu_isa.inc"
+#pragma GCC pop_options
+#endif
+
+#define ISA baseline
+#include "mcmi_cpu_isa.inc"
+
+static const cpu_kernels *const kernels_by_isa[MCMI_ISA_COUNT] = {
+    [MCMI_ISA_BASELINE] = kernels_baseline,
+#if MCMI_X86_LEVELS
+    [MCMI_ISA_AVX2] = kernels_avx2,
+    [MCMI_ISA_AVX512] = kernels_avx512,
+#endif
 };
-#undef MCMI_KERNELS_OF
-_Static_assert(sizeof kernels_by_dtype / sizeof kernels_by_dtype[0] ==
-                   MCMI_DTYPE_COUNT,
-               "a dtype of mcmi.h has no CPU kernels");
+
+static const char *const isa_names[MCMI_ISA_COUNT] = {
+    [MCMI_ISA_BASELINE] = "baseline",
+    [MCMI_ISA_AVX2] = "avx2",
+    [MCMI_ISA_AVX512] = "avx512",
+};
+
+const char *mcmi_cpu_isa_name(mcmi_isa isa) {
+  return (unsigned)isa < MCMI_ISA_COUNT ? isa_names[isa] : NULL;
+}
+
+int mcmi_cpu_isa_supported(mcmi_isa isa) {
+  if ((unsigned)isa >= MCMI_ISA_COUNT || kernels_by_isa[isa] == NULL) {
+    return 0;
+  }
+#if MCMI_X86_LEVELS
+  __builtin_cpu_init();
+  if (isa == MCMI_ISA_AVX512) {
+    return __builtin_cpu_supports("x86-64-v4");
+  }
+  if (isa == MCMI_ISA_AVX2) {
+    return __builtin_cpu_supports("x86-64-v3");
+  }
+#endif
+  return 1;
+}
+
+/* The instruction set in use; -1 until the first call picks one. */
+static _Atomic int current_isa = -1;
+
+mcmi_isa mcmi_cpu_get_isa(void) {
+  int isa = current_isa;
+  if (isa < 0) {
+    isa = MCMI_ISA_COUNT - 1;
+    while (isa > 0 && !mcmi_cpu_isa_supported((mcmi_isa)isa)) {
+      --isa;
+    }
+    current_isa = isa;
+  }
+  return (mcmi_isa)isa;
+}
+
+mcmi_status mcmi_cpu_set_isa(mcmi_isa isa) {
+  if (!mcmi_cpu_isa_supported(isa)) {
+    return MCMI_ERROR_ARGUMENT;
+  }
+  current_isa = (int)isa;
+  return MCMI_OK;
+}
+
+/* The kernels of one dtype (checked by the caller) in the current
+ * instruction set. */
+static const cpu_kernels *kernels_of(mcmi_dtype dtype) {
+  return &kernels_by_isa[mcmi_cpu_get_isa()][dtype];
+}
 
 size_t mcmi_cpu_loss_workspace(const mcmi_problem *p, int num_threads,
                                int with_grad) {
@@ -365,8 +397,8 @@ mcmi_status mcmi_cpu_loss(const mcmi_problem *p, void *loss,
     return MCMI_ERROR_ARGUMENT;
   }
   char *ws = (char *)workspace;
-  st = kernels_by_dtype[p->dtype].loss(p, &lay, valid, loss, loss_stride, grad,
-                                       grad_stride, ws, nt, &bad);
+  st = kernels_of(p->dtype)->loss(p, &lay, valid, loss, loss_stride, grad,
+                                  grad_stride, ws, nt, &bad);
   if (st != MCMI_OK && bad_index) {
     *bad_index = bad;
   }
@@ -428,8 +460,8 @@ mcmi_status mcmi_cpu_class_sums(const mcmi_problem *p, int log_probs,
     }
   }
   const int nt = class_threads(p, num_threads);
-  kernels_by_dtype[p->dtype].class_accumulate(
-      p, slot, p->classes, sums, sums_stride, row_m, row_ls, log_probs, nt);
+  kernels_of(p->dtype)->class_accumulate(p, slot, p->classes, sums, sums_stride,
+                                         row_m, row_ls, log_probs, nt);
   return MCMI_OK;
 }
 
@@ -476,8 +508,8 @@ mcmi_status mcmi_cpu_ema_update(const mcmi_problem *p, double momentum,
     return MCMI_ERROR_ARGUMENT;
   }
   char *ws = (char *)workspace;
-  kernels_by_dtype[p->dtype].ema_update(&b, &lay, momentum, centroids,
-                                        centroids_stride, seen, ws, nt);
+  kernels_of(p->dtype)->ema_update(&b, &lay, momentum, centroids,
+                                   centroids_stride, seen, ws, nt);
   return MCMI_OK;
 }
 
@@ -488,7 +520,6 @@ mcmi_status mcmi_cpu_scale_rows(mcmi_dtype dtype, void *x, int64_t rows,
     return MCMI_ERROR_ARGUMENT;
   }
   const int nt = effective_threads(num_threads, rows, cols);
-  kernels_by_dtype[dtype].scale_rows(x, rows, cols, stride, scale, scale_stride,
-                                     nt);
+  kernels_of(dtype)->scale_rows(x, rows, cols, stride, scale, scale_stride, nt);
   return MCMI_OK;
 }

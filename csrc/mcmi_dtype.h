@@ -8,24 +8,45 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float mcmi_f32_from_bits(uint32_t u) {
+/* The helpers here and in mcmi_math.h are inlined wherever they are used,
+ * so that each of the CPU kernels' instruction sets (mcmi_cpu.c) gets its
+ * own copy of them, not a call to one compiled for another. */
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define MCMI_HELPER static inline __attribute__((always_inline))
+#else
+#define MCMI_HELPER static inline
+#endif
+
+MCMI_HELPER float mcmi_f32_from_bits(uint32_t u) {
   float f;
   memcpy(&f, &u, sizeof f);
   return f;
 }
 
-static inline uint32_t mcmi_f32_bits(float f) {
+MCMI_HELPER uint32_t mcmi_f32_bits(float f) {
   uint32_t u;
   memcpy(&u, &f, sizeof u);
   return u;
 }
 
-static inline float mcmi_bf16_load(uint16_t h) {
+MCMI_HELPER double mcmi_f64_from_bits(uint64_t u) {
+  double f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+MCMI_HELPER uint64_t mcmi_f64_bits(double f) {
+  uint64_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+MCMI_HELPER float mcmi_bf16_load(uint16_t h) {
   return mcmi_f32_from_bits((uint32_t)h << 16);
 }
 
 /* Round to nearest even; NaN stays a (quiet) NaN. */
-static inline uint16_t mcmi_bf16_store(float f) {
+MCMI_HELPER uint16_t mcmi_bf16_store(float f) {
   uint32_t u = mcmi_f32_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) {
     return (uint16_t)((u >> 16) | 0x0040u);
@@ -39,7 +60,7 @@ static inline uint16_t mcmi_bf16_store(float f) {
  * (subnormals, infinities and NaN included); stores round to nearest even.
  * The constants rebias the exponent and let the FPU do the rounding.
  */
-static inline float mcmi_f16_load(uint16_t h) {
+MCMI_HELPER float mcmi_f16_load(uint16_t h) {
   const uint32_t w = (uint32_t)h << 16;
   const uint32_t sign = w & 0x80000000u;
   const uint32_t two_w = w + w;
@@ -52,7 +73,7 @@ static inline float mcmi_f16_load(uint16_t h) {
   return mcmi_f32_from_bits(sign | bits);
 }
 
-static inline uint16_t mcmi_f16_store(float f) {
+MCMI_HELPER uint16_t mcmi_f16_store(float f) {
   float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
   const uint32_t w = mcmi_f32_bits(f);
   const uint32_t shl1_w = w + w;

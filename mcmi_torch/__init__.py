@@ -22,12 +22,16 @@ except ImportError as error:
     check_extension_built(error)
     raise
 
-from . import metrics, mimkd, reference
+from . import _isa, metrics, mimkd, reference
 from ._args import CENTROID_FLOOR
+from ._isa import cpu_isa
 from .centroids import estimate_centroids
 from .functional import class_sums, cmi, mcmi
 from .guard import CollapseWarning, suggest_lambda
 from .loss import MCMILoss
+
+# MCMI_TORCH_CPU_ISA, read once: the CPU kernels' instruction set.
+_isa.apply_env()
 
 __version__ = "0.1.0"
 
@@ -37,6 +41,7 @@ __all__ = [
     "MCMILoss",
     "class_sums",
     "cmi",
+    "cpu_isa",
     "estimate_centroids",
     "mcmi",
     "metrics",

@@ -30,7 +30,20 @@ LIBRARIES = [name for name in ("_C", "_C_cuda") if built(name) is not None]
 
 #: What each library may import from CPython: the limited API only.
 LIMITED_API = {
-    "_C": ["PyFloat_FromDouble", "PyModule_AddObject", "PyModule_Create2", "Py_DecRef"],
+    "_C": [
+        "PyArg_ParseTuple",
+        "PyBool_FromLong",
+        "PyDict_New",
+        "PyDict_SetItemString",
+        "PyErr_Format",
+        "PyExc_ValueError",
+        "PyFloat_FromDouble",
+        "PyModule_AddObject",
+        "PyModule_Create2",
+        "PyUnicode_FromString",
+        "Py_DecRef",
+        "_Py_NoneStruct",
+    ],
     "_C_cuda": ["PyModule_Create2"],
 }
 

@@ -79,22 +79,6 @@ static double load_any(mcmi_dtype t, const void *x, int64_t i) {
   }
 }
 
-static void store_any(mcmi_dtype t, void *x, int64_t i, double v) {
-  switch (t) {
-  case MCMI_FLOAT32:
-    ((float *)x)[i] = (float)v;
-    break;
-  case MCMI_FLOAT64:
-    ((double *)x)[i] = v;
-    break;
-  case MCMI_BFLOAT16:
-    ((uint16_t *)x)[i] = mcmi_bf16_store((float)v);
-    break;
-  default:
-    ((uint16_t *)x)[i] = mcmi_f16_store((float)v);
-  }
-}
-
 /* max |a - b| / max(1e-2, max |b|), or +inf when a NaN, or an infinity, is
  * on one side only or at different places. */
 static double max_rel(const double *a, const double *b, int64_t n) {

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "mcmi.h"
+#include "mcmi_check.h"
 #include "mcmi_dtype.h"
 #include "test_util.h"
 
@@ -1082,6 +1083,274 @@ static void test_single_row_classes(void) {
   }
 }
 
+/*
+ * Every instruction set of the CPU kernels gives bitwise the same results:
+ * each op (loss and gradient with given, log and in-batch centroids; class
+ * sums of probabilities and log-probabilities; the EMA update; scale_rows)
+ * runs under every instruction set this CPU supports, and all their output
+ * buffers (the gaps of strided outputs included) must match byte for byte.
+ */
+
+/* The outputs of one run, one after another, each with its name. */
+typedef struct {
+  unsigned char *bytes;
+  size_t size, cap;
+  const char *names[64];
+  size_t ends[64];
+  int count;
+} isa_outputs;
+
+static void outputs_add(isa_outputs *o, const char *name, const void *p,
+                        size_t n) {
+  if (o->size + n > o->cap) {
+    o->cap = 2 * (o->size + n);
+    o->bytes = realloc(o->bytes, o->cap);
+  }
+  memcpy(o->bytes + o->size, p, n);
+  o->size += n;
+  if (o->count < 64) {
+    o->names[o->count] = name;
+    o->ends[o->count++] = o->size;
+  }
+}
+
+/* A buffer of n elements of `size` bytes, filled with a byte pattern (so
+ * that an element a kernel should not write stays recognizable). */
+static void *pattern(size_t n, size_t size) {
+  void *p = malloc(n * size + 1);
+  memset(p, 0x5A, n * size + 1);
+  return p;
+}
+
+typedef struct {
+  mcmi_dtype dtype;
+  int64_t rows, cols, classes;
+  double t;
+  int special; /* -inf, NaN and whole -inf rows among the logits */
+} isa_case;
+
+/* Runs every op on case k (inputs from the fixed seed) and collects its
+ * outputs. */
+static void run_all_ops(const isa_case *k, isa_outputs *o) {
+  rng_state = 0x2545F4914F6CDD1Dull ^ (uint64_t)(k->rows * 7919 + k->cols);
+  const int64_t rows = k->rows, cols = k->cols, classes = k->classes;
+  const mcmi_dtype dt = k->dtype;
+  const size_t es = mcmi_logit_size(dt), qs = mcmi_acc_size(dt);
+  const int64_t zs = cols + 3, ys = 2, gs = cols + 1, ls = 2, cs = cols + 2;
+  const int threads = 3;
+  void *z = pattern((size_t)(rows * zs + 1), es);
+  int64_t *y = malloc(sizeof(int64_t) * (size_t)(rows * ys + 1));
+  void *q = pattern((size_t)(classes * cs + 1), qs);
+  void *lq = pattern((size_t)(classes * cs + 1), qs);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      store_any(dt, z, i * zs + j, 3.0 * normal());
+    }
+    y[i * ys] = uniform() < 0.15 ? -100 : (int64_t)(uniform() * classes);
+    y[i * ys + 1] = 12345; /* between labels: never read */
+  }
+  if (k->special && rows >= 4) {
+    /* A -inf entry, a NaN entry, a row of -inf only, a +inf entry. */
+    store_any(dt, z, 0 * zs + cols / 2, -INFINITY);
+    store_any(dt, z, 1 * zs + cols - 1, NAN);
+    for (int64_t j = 0; j < cols; ++j) {
+      store_any(dt, z, 2 * zs + j, -INFINITY);
+    }
+    store_any(dt, z, 3 * zs, INFINITY);
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    double sum = 0.0, *row = malloc(sizeof(double) * (size_t)cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      row[j] = exp(2.0 * normal());
+      sum += row[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      const double v = row[j] / sum;
+      const double lv = log(fmax(v, 1e-12));
+      if (dt == MCMI_FLOAT64) {
+        ((double *)q)[c * cs + j] = v;
+        ((double *)lq)[c * cs + j] = lv;
+      } else {
+        ((float *)q)[c * cs + j] = (float)v;
+        ((float *)lq)[c * cs + j] = (float)lv;
+      }
+    }
+    free(row);
+  }
+  mcmi_problem p;
+  memset(&p, 0, sizeof p);
+  p.rows = rows;
+  p.cols = cols;
+  p.classes = classes;
+  p.dtype = dt;
+  p.logits = z;
+  p.logits_stride = zs;
+  p.target = y;
+  p.target_stride = ys;
+  p.centroids_stride = cs;
+  p.temperature = k->t;
+  p.cmi_weight = 0.7;
+  p.floor = 1e-12;
+  p.ignore_index = -100;
+  int64_t bad = -1;
+  static const char *const loss_names[3][2] = {
+      {"loss (fixed)", "gradient (fixed)"},
+      {"loss (log centroids)", "gradient (log centroids)"},
+      {"loss (in-batch)", "gradient (in-batch)"}};
+  for (int mode = 0; mode < 3; ++mode) {
+    for (int red = 0; red < 3; ++red) {
+      p.centroids = mode == 2 ? NULL : mode == 1 ? lq : q;
+      p.log_centroids = mode == 1;
+      p.ce_weight = red == 1 ? 0.0 : 1.0;
+      p.reduction = (mcmi_reduction)red;
+      void *loss = pattern((size_t)(rows * ls + 1), es);
+      void *grad = pattern((size_t)(rows * gs + 1), es);
+      void *ws = aligned_alloc(
+          64, (mcmi_cpu_loss_workspace(&p, threads, 1) + 127) / 64 * 64);
+      CHECK(mcmi_cpu_loss(&p, loss, ls, grad, gs, ws, threads, &bad) == MCMI_OK,
+            "%s status", loss_names[mode][0]);
+      outputs_add(o, loss_names[mode][0], loss, (size_t)(rows * ls + 1) * es);
+      outputs_add(o, loss_names[mode][1], grad, (size_t)(rows * gs + 1) * es);
+      free(ws);
+      free(loss);
+      free(grad);
+    }
+  }
+  const int64_t ss = cols + 1;
+  void *ws =
+      aligned_alloc(64, (mcmi_cpu_class_sums_workspace(&p) + 127) / 64 * 64);
+  for (int log_probs = 0; log_probs < 2; ++log_probs) {
+    void *sums = pattern((size_t)(classes * ss), qs);
+    int64_t *counts = malloc(sizeof(int64_t) * (size_t)classes);
+    CHECK(mcmi_cpu_class_sums(&p, log_probs, sums, ss, counts, ws, threads,
+                              &bad) == MCMI_OK,
+          "class sums status");
+    outputs_add(o, log_probs ? "class sums (log)" : "class sums", sums,
+                (size_t)(classes * ss) * qs);
+    outputs_add(o, "class counts", counts, sizeof(int64_t) * (size_t)classes);
+    free(sums);
+    free(counts);
+  }
+  free(ws);
+  /* The EMA update twice: first sightings, then blends. */
+  void *cent = malloc((size_t)(classes * cs + 1) * qs);
+  memcpy(cent, q, (size_t)(classes * cs + 1) * qs);
+  uint8_t *seen = calloc((size_t)classes, 1);
+  ws = aligned_alloc(64, (mcmi_cpu_ema_workspace(&p, threads) + 127) / 64 * 64);
+  for (int round = 0; round < 2; ++round) {
+    CHECK(mcmi_cpu_ema_update(&p, 0.3, cent, cs, seen, ws, threads, &bad) ==
+              MCMI_OK,
+          "EMA update status");
+  }
+  outputs_add(o, "EMA centroids", cent, (size_t)(classes * cs + 1) * qs);
+  outputs_add(o, "EMA seen", seen, (size_t)classes);
+  free(ws);
+  free(seen);
+  free(cent);
+  /* scale_rows in place on a copy of the logits, one scale per row. */
+  void *x = malloc((size_t)(rows * zs + 1) * es);
+  memcpy(x, z, (size_t)(rows * zs + 1) * es);
+  void *scale = pattern((size_t)rows + 1, es);
+  for (int64_t i = 0; i < rows; ++i) {
+    store_any(dt, scale, i, 0.1 + uniform());
+  }
+  CHECK(mcmi_cpu_scale_rows(dt, x, rows, cols, zs, scale, 1, threads) ==
+            MCMI_OK,
+        "scale_rows status");
+  outputs_add(o, "scale_rows", x, (size_t)(rows * zs + 1) * es);
+  free(x);
+  free(scale);
+  free(z);
+  free(y);
+  free(q);
+  free(lq);
+}
+
+static void test_isa_bitwise(void) {
+  /* The choice itself: unknown or unsupported sets are refused and change
+   * nothing. */
+  const mcmi_isa best = mcmi_cpu_get_isa();
+  CHECK(mcmi_cpu_isa_supported(best), "the default %s is not supported",
+        mcmi_cpu_isa_name(best));
+  CHECK(mcmi_cpu_isa_supported(MCMI_ISA_BASELINE), "no baseline build");
+  CHECK(mcmi_cpu_set_isa((mcmi_isa)MCMI_ISA_COUNT) == MCMI_ERROR_ARGUMENT &&
+            mcmi_cpu_get_isa() == best,
+        "an unknown instruction set is not refused");
+  CHECK(mcmi_cpu_isa_name((mcmi_isa)-1) == NULL &&
+            mcmi_cpu_isa_name((mcmi_isa)MCMI_ISA_COUNT) == NULL,
+        "an unknown instruction set has a name");
+  mcmi_isa isas[MCMI_ISA_COUNT];
+  int n = 0;
+  for (int i = MCMI_ISA_COUNT - 1; i >= 0; --i) {
+    if (mcmi_cpu_isa_supported((mcmi_isa)i)) {
+      isas[n++] = (mcmi_isa)i;
+      CHECK(i <= (int)best, "%s runs, but the default is %s",
+            mcmi_cpu_isa_name((mcmi_isa)i), mcmi_cpu_isa_name(best));
+    } else {
+      CHECK(mcmi_cpu_set_isa((mcmi_isa)i) == MCMI_ERROR_ARGUMENT &&
+                mcmi_cpu_get_isa() == best,
+            "%s is not supported, yet set", mcmi_cpu_isa_name((mcmi_isa)i));
+      printf("instruction sets: %s not run by this CPU, not compared\n",
+             mcmi_cpu_isa_name((mcmi_isa)i));
+    }
+  }
+  printf("instruction sets compared bitwise:");
+  for (int i = 0; i < n; ++i) {
+    printf(" %s", mcmi_cpu_isa_name(isas[i]));
+  }
+  printf(n < 2 ? " (only one: nothing to compare)\n" : "\n");
+
+  /* Shapes: tiny, C below a vector, odd C (a multiple of no lane count),
+   * C over several blocks with and without a tail; threads share rows. */
+  const int64_t shapes[][3] = {{1, 1, 1},    {5, 3, 2},     {6, 7, 5},
+                               {9, 37, 6},   {17, 100, 10}, {13, 1031, 7},
+                               {24, 1536, 5}};
+  const double temps[] = {1.0, 2.5, 0.37};
+  int cases = 0, differ = 0;
+  for (int dt = 0; dt < MCMI_DTYPE_COUNT; ++dt) {
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; ++s) {
+      for (int ti = 0; ti < 3; ++ti) {
+        for (int special = 0; special < 2; ++special) {
+          const isa_case k = {(mcmi_dtype)dt, shapes[s][0], shapes[s][1],
+                              shapes[s][2],   temps[ti],    special};
+          isa_outputs first = {0};
+          for (int i = 0; i < n; ++i) {
+            CHECK(mcmi_cpu_set_isa(isas[i]) == MCMI_OK &&
+                      mcmi_cpu_get_isa() == isas[i],
+                  "%s not set", mcmi_cpu_isa_name(isas[i]));
+            isa_outputs o = {0};
+            run_all_ops(&k, i == 0 ? &first : &o);
+            if (i == 0) {
+              continue;
+            }
+            size_t at = 0;
+            while (at < o.size && o.bytes[at] == first.bytes[at]) {
+              ++at;
+            }
+            int op = 0;
+            while (op < o.count - 1 && o.ends[op] <= at) {
+              ++op;
+            }
+            differ += at < o.size;
+            CHECK(o.size == first.size && at == o.size,
+                  "%s: %s differs from %s, dtype %d, %lld x %lld, T = %g%s "
+                  "(byte %zu)",
+                  o.names[op], mcmi_cpu_isa_name(isas[i]),
+                  mcmi_cpu_isa_name(isas[0]), dt, (long long)k.rows,
+                  (long long)k.cols, k.t, special ? ", -inf/NaN logits" : "",
+                  at);
+            free(o.bytes);
+          }
+          free(first.bytes);
+          ++cases;
+        }
+      }
+    }
+  }
+  printf("instruction sets: %d cases, %d differ\n", cases, differ);
+  CHECK(mcmi_cpu_set_isa(best) == MCMI_OK, "default not restored");
+}
+
 int main(void) {
   test_f64();
   test_f32_and_threads();
@@ -1097,6 +1366,7 @@ int main(void) {
   test_extreme_temperatures();
   test_neg_inf_logits();
   test_single_row_classes();
+  test_isa_bitwise();
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures ? 1 : 0;
 }

@@ -1,6 +1,7 @@
 /*
  * test_util.h: what the plain-C and CUDA-C test programs share: a checking
- * macro with counters, and a reproducible random source.
+ * macro with counters, a reproducible random source, and the store of a
+ * value into a buffer of any dtype.
  */
 #ifndef MCMI_TEST_UTIL_H
 #define MCMI_TEST_UTIL_H
@@ -8,6 +9,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+
+#include "mcmi.h"
+#include "mcmi_dtype.h"
 
 static int failures = 0;
 static int checks = 0;
@@ -36,6 +40,23 @@ static double uniform(void) {
 static double normal(void) {
   const double u = uniform() + 1e-300, v = uniform();
   return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+
+/* v, rounded to dtype t, as element i of x. */
+static void store_any(mcmi_dtype t, void *x, int64_t i, double v) {
+  switch (t) {
+  case MCMI_FLOAT32:
+    ((float *)x)[i] = (float)v;
+    break;
+  case MCMI_FLOAT64:
+    ((double *)x)[i] = v;
+    break;
+  case MCMI_BFLOAT16:
+    ((uint16_t *)x)[i] = mcmi_bf16_store((float)v);
+    break;
+  default:
+    ((uint16_t *)x)[i] = mcmi_f16_store((float)v);
+  }
 }
 
 #endif /* MCMI_TEST_UTIL_H */
