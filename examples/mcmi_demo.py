@@ -138,6 +138,7 @@ EARLY_LAMBDAS = (0.0, 0.1, 0.4, 0.8)
 EARLY_SMOOTHING = (0.1,)
 #: The stages of one seed, as the progress lines name them.
 STAGES = ("teacher", "fine-tunes", "full-data and zero-shot students", "few-shot students")
+TASK_TITLES = {"gmm": "Gaussian mixture (exact p*)", "mnist1d": "MNIST-1D", "digits": "8x8 digits"}
 #: Training accuracy that a memorising teacher is meant to reach.
 MEMORISING_TRAIN_ACCURACY = 0.99
 
@@ -676,7 +677,9 @@ def tick(row) -> str:
 def plot(rows, path: pathlib.Path, title: str) -> None:
     """Paired differences to the lambda-0 control with their 95% intervals, one
     column per teacher (the lambdas, then the baselines): the teacher's KL to
-    p* (where known) and ECE, and its students' accuracy in each setting."""
+    p* (where known) and ECE, and its students' accuracy in each setting. The
+    axes are scaled to the teachers that did not collapse in any seed; a value
+    beyond them is drawn as a triangle at the edge, labelled with its mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -694,16 +697,31 @@ def plot(rows, path: pathlib.Path, title: str) -> None:
         series = [(metric, None, 0.0)] if metric else [
             (s, f"{s} students", offset) for s, offset in zip(STUDENT_SETTINGS, (-0.2, 0, 0.2))
         ]  # fmt: skip
+        drawn, span = [], [0.0]
         for prefix, name, offset in series:
             d, lo, hi = (
                 [scale * r[f"{prefix}_{w}"] for r in teachers] for w in ("diff", "lo", "hi")
             )
-            ax.errorbar(
+            bars = ax.errorbar(
                 [x + offset for x in xs], d, yerr=[[a - b for a, b in zip(d, lo)],
                 [b - a for a, b in zip(d, hi)]], fmt="o", capsize=3, ms=4, label=name,
             )  # fmt: skip
+            drawn.append((bars, offset, d))
+            span += [v for r, a, b in zip(teachers, lo, hi) if not r.get("collapsed_seeds")
+                     for v in (a, b) if math.isfinite(v)]  # fmt: skip
+        pad = 0.08 * (max(span) - min(span))
+        bottom, top = _with_zero((min(span) - pad, max(span) + pad), least)
+        ax.set_ylim(bottom, top)
+        for bars, offset, d in drawn:
+            for x, v in zip(xs, d):
+                if not bottom <= v <= top:
+                    edge = top if v > top else bottom
+                    ax.plot(x + offset, edge, "^" if v > top else "v", color=bars[0].get_color())
+                    ax.annotate(
+                        f"{v:+.3g}", (x + offset, edge), fontsize=7, ha="center",
+                        xytext=(60 * offset, -10 if v > top else 4), textcoords="offset points",
+                    )  # fmt: skip
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_ylim(*_with_zero(ax.get_ylim(), least))
         ax.set_ylabel(ylabel)
         ax.set_xticks(xs, [tick(r).split("\n")[0] for r in teachers], rotation=45, ha="right")
         ax.grid(axis="y", lw=0.3)
@@ -950,7 +968,7 @@ def report(task, regime, args, results, elapsed) -> tuple[str, list[dict]]:
     """Writes the task and regime's report, CSV, JSON and plot; returns the
     report's text and the summary rows."""
     rows = summarize(results, regime)
-    title = f"{task.name}, {regime.name} teachers, {len(results)} seeds"
+    title = f"{TASK_TITLES[task.name]}, {regime.name} teachers, {len(results)} seeds"
     bayes = [r["bayes_accuracy"] for r in results if r["bayes_accuracy"] is not None]
     train_acc = [r["teachers"]["base"]["train_accuracy"] for r in results]
     teacher_note = (
@@ -1009,9 +1027,6 @@ def report(task, regime, args, results, elapsed) -> tuple[str, list[dict]]:
         json.dump({"args": settings, "regime": vars(regime), "results": results}, f, indent=1)
     plot(rows, pathlib.Path(f"{stem}.png"), title)
     return text + f"\nwritten: {stem}.md .csv .json .png\n", rows
-
-
-TASK_TITLES = {"gmm": "Gaussian mixture (exact p*)", "mnist1d": "MNIST-1D", "digits": "8x8 digits"}
 
 
 def shortfall(regime, results) -> str:
