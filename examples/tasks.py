@@ -6,7 +6,7 @@ MNIST-1D (Greydanus and Kobak, 2020; the ``mnist1d`` package, Apache-2.0) draws
 translation, scaling, shear and correlated noise, so that classes overlap: a small
 MLP stays far below 100% test accuracy, unlike on the 8x8 digits. The package
 generates the data locally (``make_dataset``; its ``get_dataset`` would download),
-and the arrays are cached under the output folder.
+and the arrays are cached (``cache_dir``).
 
 The Gaussian mixture is drawn by torch in float64 from a fixed seed and rounded
 to float32 once, so that it is the same on every machine.
@@ -14,6 +14,7 @@ to float32 once, so that it is the same on every machine.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ class Task:
     """Inputs ``x`` (``[N, 8, 8]`` images or ``[N, 40]`` signals), labels ``y``,
     the augmentation's largest shift along each spatial axis, and the widths of
     the teacher's and the student's hidden layers; for synthetic data, the exact
-    posterior ``p*(y | x)`` as a function of a batch of inputs."""
+    posterior ``p*(y | x)`` as a function of a batch of inputs; the training and
+    validation fractions of the split for teachers that fit their training set
+    (the rest is test)."""
 
     name: str
     x: Tensor
@@ -38,6 +41,7 @@ class Task:
     teacher_hidden: tuple[int, ...]
     student_hidden: int
     posterior: Callable[[Tensor], Tensor] | None = None
+    memorising_split: tuple[float, float] = (0.6, 0.15)
 
 
 class MixturePosterior:
@@ -63,14 +67,18 @@ def gaussian_mixture(
     each class a mixture of ``components`` Gaussians of standard deviation
     ``sigma`` around means drawn from ``N(0, spread^2 I)`` (so classes overlap
     and the Bayes accuracy is well below 1). Drawn in float64 by torch's CPU
-    generator, then rounded to float32; the task carries the exact posterior."""
+    generator, then rounded to float32; the task carries the exact posterior.
+    Teachers that fit their training set train on 30% of it (fitting labels the
+    Bayes classifier gets wrong takes many epochs) and are tested on 55%."""
     g = torch.Generator().manual_seed(seed)
     means = spread * torch.randn(classes, components, dim, generator=g, dtype=torch.float64)
     y = torch.arange(num_samples) % classes
     which = torch.randint(0, components, (num_samples,), generator=g)
     noise = torch.randn(num_samples, dim, generator=g, dtype=torch.float64)
     x = (means[y, which] + sigma * noise).float()
-    return Task("gmm", x, y, classes, 0, (128, 128), 32, MixturePosterior(means, sigma))
+    return Task(
+        "gmm", x, y, classes, 0, (128, 128), 32, MixturePosterior(means, sigma), (0.3, 0.15)
+    )
 
 
 def digits() -> Task:
@@ -81,6 +89,15 @@ def digits() -> Task:
     x = torch.tensor(data.images, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
     return Task("digits", x, y, 10, 1, (128, 128), 16)
+
+
+def cache_dir() -> pathlib.Path:
+    """Where generated data is cached: ``$MCMI_TORCH_CACHE``, else
+    ``$XDG_CACHE_HOME/mcmi_torch``, else ``~/.cache/mcmi_torch``."""
+    if os.environ.get("MCMI_TORCH_CACHE"):
+        return pathlib.Path(os.environ["MCMI_TORCH_CACHE"])
+    root = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(root) / "mcmi_torch"
 
 
 def mnist1d(cache: pathlib.Path, num_samples: int = 6000) -> Task:
@@ -116,14 +133,21 @@ def split(y: Tensor, seed: int, fractions=(0.6, 0.15)) -> tuple[Tensor, Tensor, 
     return tuple(torch.cat(p) for p in parts)
 
 
-def augment(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
-    """Random translation of each sample by up to ``shift`` along every spatial
-    axis (zero padding, then a crop at a random offset)."""
+def draw_offsets(n: int, dims: int, shift: int, generator: torch.Generator) -> Tensor:
+    """Random crop offsets, ``[dims, n]`` in ``[0, 2 * shift]`` (none drawn for ``shift`` 0:
+    every offset is then 0)."""
+    if shift == 0:
+        return torch.zeros(dims, n, dtype=torch.long)
+    return torch.randint(0, 2 * shift + 1, (dims, n), generator=generator)
+
+
+def translate(x: Tensor, shift: int, offsets: Tensor) -> Tensor:
+    """Each sample translated by ``offsets - shift`` along every spatial axis (zero
+    padding by ``shift``, then a crop at the sample's offsets, ``[dims, n]``)."""
     if shift == 0:
         return x
     n, dims = x.shape[0], x.shape[1:]
     padded = torch.nn.functional.pad(x, [shift, shift] * len(dims))
-    offsets = torch.randint(0, 2 * shift + 1, (len(dims), n), generator=generator)
     index = [torch.arange(n).view(n, *[1] * len(dims))]
     for axis, size in enumerate(dims):
         view = [n] + [1] * len(dims)
@@ -132,9 +156,37 @@ def augment(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     return padded[tuple(index)]
 
 
-def batches(x: Tensor, y: Tensor, shift: int, generator: torch.Generator, batch_size: int = 64):
-    """One epoch of shuffled, augmented ``(x, y)`` mini-batches (the last may be smaller)."""
+def augment(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+    """Random translation of each sample by up to ``shift`` along every spatial
+    axis (zero padding, then a crop at a random offset)."""
+    return translate(x, shift, draw_offsets(x.shape[0], x.dim() - 1, shift, generator))
+
+
+def offset_codes(offsets: Tensor, shift: int) -> Tensor:
+    """One integer per sample for its offsets: ``sum_a offsets[a] * (2 * shift + 1)^a``."""
+    base = (2 * shift + 1) ** torch.arange(offsets.shape[0]).view(-1, 1)
+    return (offsets * base).sum(0)
+
+
+def all_translations(x: Tensor, shift: int):
+    """Every translation that ``augment`` can draw, as ``(code, translated x)``
+    pairs, ``code`` as given by ``offset_codes``."""
+    dims, side = x.dim() - 1, 2 * shift + 1
+    for code in range(side**dims):
+        offsets = torch.tensor([(code // side**a) % side for a in range(dims)])
+        yield code, translate(x, shift, offsets.view(dims, 1).expand(dims, x.shape[0]))
+
+
+def batches(
+    x: Tensor, y: Tensor, shift: int, generator: torch.Generator, batch_size: int = 64,
+    *, with_index: bool = False,
+):  # fmt: skip
+    """One epoch of shuffled, augmented ``(x, y)`` mini-batches (the last may be
+    smaller); ``with_index``: ``(x, y, index, code)``, the samples' indices in
+    ``x`` and their translations' ``offset_codes``."""
     order = torch.randperm(len(y), generator=generator)
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
-        yield augment(x[idx], shift, generator), y[idx]
+        offsets = draw_offsets(len(idx), x.dim() - 1, shift, generator)
+        xb = translate(x[idx], shift, offsets)
+        yield (xb, y[idx], idx, offset_codes(offsets, shift)) if with_index else (xb, y[idx])

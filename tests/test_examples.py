@@ -2,10 +2,15 @@
 fine-tuning, student losses) and the torchdistill hook, on a small model and generated data."""
 
 import csv
+import json
 import math
 import os
 import pathlib
+import queue
+import re
+import statistics
 import sys
+import time
 import types
 
 import pytest
@@ -25,44 +30,87 @@ import student_losses  # noqa: E402
 import tasks  # noqa: E402
 
 TINY = ["--seeds", "2", "--teacher-epochs", "2", "--finetune-epochs", "2", "--student-epochs", "2",
-        "--few-epochs", "2", "--lambdas", "0", "0.8", "--smoothing", "0.1",
+        "--few-epochs", "2", "--lambdas", "0", "0.8", "--early-lambdas", "0", "0.8",
+        "--smoothing", "0.1", "--early-smoothing", "0.1", "--memorising-epochs", "2",
         "--workers", "0"]  # fmt: skip
 TEACHERS = {"base", "0.0", "0.8", "ls0.1", "ts"}
 SOURCES = ["no teacher", "not fine-tuned", "lambda 0.0", "lambda 0.8", "label smoothing 0.1",
            "lambda 0, temperature-scaled"]  # fmt: skip
+REGIMES = ("memorising", "early-stopped")
+FIT_FIELDS = ("train_accuracy", "train_nll", "train_cmi", "centroid_peak")
 
 
 def test_demo_runs_at_tiny_size(tmp_path, capsys):
-    results = mcmi_demo.main(["--task", "digits", *TINY, "--out", str(tmp_path)])["digits"]
-    assert [r["seed"] for r in results] == [0, 1]
-    for r in results:
-        assert set(r["teachers"]) == TEACHERS
-        assert set(r["students"]) == {"none", *TEACHERS}
-        for student in r["students"].values():
-            assert len(student["zero-shot"]) == 10
-            accs = [student["full"], student["few-shot"], *student["zero-shot"]]
-            assert all(0.0 <= a <= 1.0 for a in accs)
-        assert r["teachers"]["0.8"]["cmi"] >= 0.0
-        assert r["teachers"]["0.8"]["kl"] is None and r["bayes_accuracy"] is None
-        assert 0.05 <= r["teachers"]["ts"]["temperature"] <= 20.0
-        train_labels = tasks.digits().y[tasks.split(tasks.digits().y, r["seed"])[0]]
-        per_class = torch.bincount(train_labels).tolist()
-        assert r["fewshot_samples"] == sum(round(0.05 * n) for n in per_class)  # 5% per class
-    with open(tmp_path / "mcmi_demo_digits.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [row["source"] for row in rows] == SOURCES
-    control = rows[2]
-    assert float(control["full_diff"]) == 0.0 and float(control["zero-shot_diff"]) == 0.0
-    for suffix in ("md", "json", "png"):
-        assert (tmp_path / f"mcmi_demo_digits.{suffix}").stat().st_size > 0
+    out = mcmi_demo.main(["--task", "digits", *TINY, "--out", str(tmp_path)])["digits"]
+    assert set(out) == set(REGIMES)
+    for regime, results in out.items():
+        assert [r["seed"] for r in results] == [0, 1]
+        for r in results:
+            assert r["regime"] == regime and r["task"] == "digits"
+            assert set(r["teachers"]) == TEACHERS
+            assert set(r["students"]) == {"none", *TEACHERS}
+            for student in r["students"].values():
+                assert len(student["zero-shot"]) == 10
+                accs = [student["full"], student["few-shot"], *student["zero-shot"]]
+                assert all(0.0 <= a <= 1.0 for a in accs)
+            for t in r["teachers"].values():
+                assert 0.0 <= t["train_accuracy"] <= 1.0 and t["train_nll"] > 0.0
+                assert t["train_cmi"] >= 0.0 and 0.1 <= t["centroid_peak"] <= 1.0
+            assert r["teachers"]["0.8"]["cmi"] >= 0.0
+            assert r["teachers"]["0.8"]["kl"] is None and r["bayes_accuracy"] is None
+            assert 0.05 <= r["teachers"]["ts"]["temperature"] <= 20.0
+            train_labels = tasks.digits().y[tasks.split(tasks.digits().y, r["seed"])[0]]
+            per_class = torch.bincount(train_labels).tolist()
+            assert r["fewshot_samples"] == sum(round(0.05 * n) for n in per_class)  # 5% per class
+        with open(tmp_path / f"mcmi_demo_digits_{regime}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [row["source"] for row in rows] == SOURCES
+        control = rows[2]
+        assert float(control["full_diff"]) == 0.0 and float(control["zero-shot_diff"]) == 0.0
+        for field in FIT_FIELDS:
+            means = [statistics.fmean(r["teachers"]["0.8"][field] for r in results)]
+            assert float(rows[3][f"teacher_{field}"]) == pytest.approx(means[0])
+        for suffix in ("md", "json", "png"):
+            assert (tmp_path / f"mcmi_demo_digits_{regime}.{suffix}").stat().st_size > 0
+        saved = json.loads((tmp_path / f"mcmi_demo_digits_{regime}.json").read_text())
+        assert saved["regime"]["name"] == regime
+        assert all(f in saved["results"][0]["teachers"]["base"] for f in FIT_FIELDS)
     out = capsys.readouterr().out
-    assert "(control)" in out and "collapsed at last epoch" in out
+    assert "(control)" in out and "collapsed at last epoch" in out and "train acc (%)" in out
+    assert "stages done" in out and "wall time" in out
+
+
+def test_memorising_teachers_fit_their_training_set(tmp_path):
+    """The memorising regime at reduced size (120 training points, 60 epochs):
+    every teacher not fine-tuned reaches the promised training accuracy, is
+    kept at its last epoch, and the reports hold its fit to the training set."""
+    args = [*TINY, "--task", "gmm", "--gmm-samples", "400", "--regimes", "memorising",
+            "--memorising-epochs", "60", "--out", str(tmp_path)]  # fmt: skip
+    results = mcmi_demo.main(args)["gmm"]["memorising"]
+    task = tasks.gaussian_mixture(400)
+    for r in results:
+        base = r["teachers"]["base"]
+        assert base["train_accuracy"] >= mcmi_demo.MEMORISING_TRAIN_ACCURACY
+        train = tasks.split(task.y, r["seed"], task.memorising_split)[0]
+        assert r["train_samples"] == len(train) == 120
+        bayes_train = (task.posterior(task.x[train]).argmax(1) == task.y[train]).double().mean()
+        assert base["train_accuracy"] > bayes_train + 0.1  # beyond what p* explains
+        assert base["centroid_peak"] > 0.9 and base["train_cmi"] < 0.2
+    page = (tmp_path / "results.md").read_text()
+    for item in ("- machine: ", "- versions: python", "torch ", "- command: `python examples/",
+                 "- time: ", "memorising teachers (2 seeds)", "| λ 0 (control) |",
+                 "| train acc (%) | centroid peak | KL(p* ‖ teacher) vs λ 0 (nats) |"):  # fmt: skip
+        assert item in page
+    assert "fell short" not in page  # no teacher short of the promised fit
+    report = (tmp_path / "mcmi_demo_gmm_memorising.md").read_text()
+    assert "taken at its last epoch" in report and "train CMI" in report
 
 
 def test_demo_reports_the_distance_to_the_known_posterior(tmp_path):
     results = mcmi_demo.main(
-        ["--task", "gmm", "--gmm-samples", "400", *TINY, "--out", str(tmp_path)]
-    )["gmm"]
+        ["--task", "gmm", "--gmm-samples", "400", "--regimes", "early-stopped", *TINY,
+         "--out", str(tmp_path)]
+    )["gmm"]["early-stopped"]  # fmt: skip
     task = tasks.gaussian_mixture(400)
     for r in results:
         test = tasks.split(task.y, r["seed"])[2]
@@ -70,12 +118,95 @@ def test_demo_reports_the_distance_to_the_known_posterior(tmp_path):
         assert r["bayes_accuracy"] == pytest.approx((p.argmax(1) == task.y[test]).double().mean())
         for t in r["teachers"].values():
             assert t["kl"] > 0.0 and 0.0 <= t["bayes_agreement"] <= 1.0
-    with open(tmp_path / "mcmi_demo_gmm.csv") as f:
+    with open(tmp_path / "mcmi_demo_gmm_early-stopped.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["source"] for row in rows] == SOURCES
     assert float(rows[2]["kl_diff"]) == 0.0  # the control against itself
     kl_diff = [t["kl"] - r["teachers"]["0.0"]["kl"] for r in results for t in [r["teachers"]["ts"]]]
     assert float(rows[-1]["kl_diff"]) == pytest.approx(sum(kl_diff) / 2)
+
+
+def test_every_option_has_help_and_a_default(capsys):
+    parser = mcmi_demo.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("(default: ") == len(parser._actions) - 1  # all but --help
+    assert "(default: [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])" in text
+
+
+def test_full_grids_the_early_stopped_regime_unless_given():
+    args = mcmi_demo.parse_args(["--full"])
+    assert args.seeds == 10 and args.early_lambdas == args.lambdas
+    assert args.early_smoothing == args.smoothing
+    args = mcmi_demo.parse_args(["--full", "--early-lambdas", "0.2", "0"])
+    assert args.early_lambdas == [0.0, 0.2]
+    args = mcmi_demo.parse_args([])
+    assert args.early_lambdas == list(mcmi_demo.EARLY_LAMBDAS)
+    assert len(args.lambdas) > len(args.early_lambdas)
+    with pytest.raises(SystemExit):
+        mcmi_demo.parse_args(["--early-lambdas", "0.1"])  # no control
+
+
+def test_progress_prints_stages_and_time_left(capsys):
+    events = queue.SimpleQueue()
+    jobs = [("gmm", "memorising", 0), ("gmm", "memorising", 1)]
+    with mcmi_demo.Progress(jobs, 2, events, every=0.05):
+        time.sleep(0.2)  # nothing done: the ticker still prints
+        events.put(("gmm", "memorising", 0, 0, 4.0))
+        events.put(("gmm", "memorising", 0, 1, 10.0))
+        time.sleep(1.2)
+    lines = capsys.readouterr().out.splitlines()
+    assert "0/8 stages done, estimating" in lines[0]
+    stage = [line for line in lines if "seed 0: fine-tunes" in line]
+    # seed 0: 2 stages left at the mean stage time (5 s); seed 1: teacher 4 s, fine-tunes 6 s,
+    # then 2 stages at 5 s; 30 s over 2 workers.
+    assert (
+        len(stage) == 1 and "(6 s); " in stage[0] and "2/8 stages done, about 15 s left" in stage[0]
+    )
+    assert sum("stages done" in line for line in lines) >= 4
+    assert int(re.search(r"about (\d+) s left", lines[-1]).group(1)) < 15  # counts down
+
+
+@pytest.mark.parametrize("shift, shape", [(0, (30, 5)), (2, (30, 12)), (1, (30, 6, 6))])
+def test_teacher_table_holds_every_translation(shift, shape):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(*shape, generator=g), torch.arange(shape[0]) % 3
+    torch.manual_seed(0)
+    teachers = [mcmi_demo.MLP(x[0].numel(), (16,), 3).eval() for _ in range(2)]
+    table = mcmi_demo.teacher_table(teachers, x, shift)
+    assert table.shape == (2, (2 * shift + 1) ** (len(shape) - 1), shape[0], 3)
+    seen = set()
+    for _ in range(5):
+        for xb, yb, idx, code in tasks.batches(x, y, shift, g, batch_size=8, with_index=True):
+            torch.testing.assert_close(yb, y[idx])
+            for i, t in enumerate(teachers):
+                expected = F.log_softmax(t(xb) / mcmi_demo.KD_T, 1)
+                torch.testing.assert_close(table[i, code, idx], expected)
+            seen.update(code.tolist())
+    assert seen == set(range(table.shape[1]))
+
+
+def test_batches_draw_the_translations_augment_draws():
+    x, y = torch.rand(20, 7, 7), torch.arange(20)
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain = list(tasks.batches(x, y, 1, a, batch_size=6))
+    indexed = list(tasks.batches(x, y, 1, b, batch_size=6, with_index=True))
+    for (xa, ya), (xb, yb, _, _) in zip(plain, indexed, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("MCMI_TORCH_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tasks.cache_dir() == tmp_path / "xdg" / "mcmi_torch"
+    monkeypatch.setenv("MCMI_TORCH_CACHE", str(tmp_path / "own"))
+    assert tasks.cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("MCMI_TORCH_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert tasks.cache_dir() == pathlib.Path.home() / ".cache" / "mcmi_torch"
 
 
 def test_gaussian_mixture_posterior_is_bayes_rule():
