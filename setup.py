@@ -2,13 +2,17 @@
 core (_C: schemas, CPU kernels) and, when torch is a CUDA build and nvcc is found
 (no GPU needed), the CUDA kernels (_C_cuda).
 
-Build without isolation, against the torch you run (setuptools >= 77):
-    pip install --no-build-isolation .
+The stable ABI makes the binaries independent of the torch they compile against
+(any torch >= 2.10 loads them), so both builds work (docs/install.md):
+    pip install .                         # isolated: pip fetches a torch >= 2.10 to build with
+    pip install --no-build-isolation .    # against the torch installed here (setuptools >= 77)
+The release wheel is built by `bash .ci/build_wheel OUTDIR`.
 Environment:
     CUDA_HOME             the CUDA toolkit's root (holding bin/nvcc and include/), where
                           torch does not find it from the nvcc on PATH
     FORCE_CUDA=1          require the CUDA kernels: fail, saying why, when they cannot be
-                          built; FORCE_CUDA=0 leaves them out
+                          built (torch not a CUDA build, no nvcc, or nvcc's CUDA major not
+                          torch's); FORCE_CUDA=0 leaves them out
     TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0+PTX": A100, H100/H200,
                           and PTX for newer GPUs)
     MCMI_DEBUG=1          -O0 -g, and the shared library keeps its debug info and symbol
@@ -16,7 +20,11 @@ Environment:
                           for three instruction sets)
 """
 
+from __future__ import annotations
+
 import os
+import re
+import subprocess
 import sys
 import sysconfig
 
@@ -33,15 +41,19 @@ try:
     )
 except ImportError as exc:  # pragma: no cover - build-time guidance only
     raise SystemExit(
-        "mcmi-torch compiles against the torch you run: install torch first, "
-        "then `pip install --no-build-isolation .`"
+        "mcmi-torch builds against torch >= 2.10, which is not installed here: "
+        "`pip install .` fetches one (build isolation), or install torch first and run "
+        "`pip install --no-build-isolation .`"
     ) from exc
+if torch.torch_version.TorchVersion(torch.__version__) < "2.10":
+    raise SystemExit(f"mcmi-torch needs torch >= 2.10 to build; this is torch {torch.__version__}")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-# The stable-ABI floor: an extension built here loads on every torch >= 2.10.
+# The stable-ABI floor: an extension built here loads on every torch >= 2.10,
+# and, on the CPython limited API of 3.10, on every Python >= 3.10.
 TORCH_TARGET = "0x020a000000000000"
-PY_LIMITED = "0x03090000"
+PY_LIMITED = "0x030a0000"
 DEBUG = os.environ.get("MCMI_DEBUG", "0") == "1"
 OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
 # Python's own flags add -g; a release .so drops debug info and the static symbol table
@@ -97,10 +109,27 @@ class BuildExt(BuildExtension):
         super().build_extensions()
 
 
+def nvcc_release(cuda_home: str) -> str | None:
+    """The CUDA release of the toolkit's nvcc ("13.0"), or None where it does not say."""
+    try:
+        done = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    found = re.search(r"release (\d+\.\d+)", done.stdout)
+    return found.group(1) if found else None
+
+
+def major(version: str | None) -> str | None:
+    """The major of a CUDA version: "13" for "13.0"; None for None."""
+    return None if version is None else version.split(".")[0]
+
+
 def with_cuda() -> bool:
     """Whether to build the CUDA kernels: whenever torch is a CUDA build and
-    nvcc is found (no GPU needed). FORCE_CUDA=1 requires them, FORCE_CUDA=0
-    leaves them out."""
+    an nvcc of its CUDA major is found (no GPU needed). FORCE_CUDA=1 requires
+    them, FORCE_CUDA=0 leaves them out."""
     force = os.environ.get("FORCE_CUDA")
     if force == "0":
         return False
@@ -115,6 +144,13 @@ def with_cuda() -> bool:
             f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime_api.h: set CUDA_HOME to the "
             "CUDA toolkit's root (the directory holding bin/nvcc and include/), or build "
             "without the CUDA kernels with FORCE_CUDA=0"
+        )
+    elif major(release := nvcc_release(CUDA_HOME)) not in (None, major(torch.version.cuda)):
+        # torch's own check would stop the build; a CPU-only build serves instead.
+        missing = (
+            f"the nvcc at {CUDA_HOME} is CUDA {release} and torch "
+            f"{torch.__version__} is a CUDA {torch.version.cuda} build: their majors must agree "
+            f"(set CUDA_HOME to a CUDA {major(torch.version.cuda)} toolkit)"
         )
     else:
         return True
@@ -170,5 +206,5 @@ setup(
     packages=find_packages(include=["mcmi_torch", "mcmi_torch.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=False)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

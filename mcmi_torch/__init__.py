@@ -14,9 +14,10 @@ import importlib
 
 import torch  # noqa: F401  (torch's libraries and OpenMP runtime load first)
 
-from ._imports import check_extension_built
+from ._imports import check_extension_built, check_requirements
 
 try:
+    check_requirements()  # before the extension, whose own error would be a symbol's
     from . import _C  # noqa: F401  (the kernels and the torch.ops.mcmi schemas)
 except ImportError as error:
     check_extension_built(error)

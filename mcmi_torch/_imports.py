@@ -1,4 +1,5 @@
-"""Import errors that say what to do: an optional dependency names the extra
+"""Import errors that say what to do: a Python or torch older than the
+binaries' floor names the requirement, an optional dependency names the extra
 that installs it, and a source tree without the compiled extension says how
 to build it or where to run from."""
 
@@ -7,7 +8,31 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import pathlib
+import sys
 from types import ModuleType
+
+import torch
+
+#: The oldest Python and torch the binaries load on: the CPython limited API
+#: and the LibTorch stable ABI versions they are built for (setup.py).
+PYTHON_FLOOR = (3, 10)
+TORCH_FLOOR = "2.10"
+
+
+def check_requirements() -> None:
+    """Raises an ImportError naming the requirement when Python or torch is
+    older than the floor the extensions are built for (their own failure
+    would be an undefined symbol)."""
+    if sys.version_info < PYTHON_FLOOR:
+        raise ImportError(
+            f"mcmi-torch needs Python >= 3.10; this is Python {sys.version.split()[0]}"
+        )
+    if torch.torch_version.TorchVersion(torch.__version__) < TORCH_FLOOR:
+        raise ImportError(
+            f"mcmi-torch needs torch >= {TORCH_FLOOR} (the LibTorch stable ABI version its "
+            f"extensions are built for); this is torch {torch.__version__}: "
+            f'pip install "torch>={TORCH_FLOOR}"'
+        )
 
 
 def import_extra(module: str, extra: str) -> ModuleType:

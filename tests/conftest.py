@@ -1,6 +1,8 @@
 """Shared helpers: fresh random problems (never zeros), tolerances, the
 device and centroid-mode fixtures."""
 
+import os
+import shutil
 import warnings
 
 import pytest
@@ -18,6 +20,11 @@ with warnings.catch_warnings():
 
 #: A test marked with it runs on a CUDA GPU only (skipped without one).
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: The torch.compile backend of the CPU tests: inductor, which compiles C++, or
+#: where no C++ compiler is found (the wheel installed without one) aot_eager,
+#: which still traces the ops' fake kernels and autograd into one graph.
+COMPILE_BACKEND = "inductor" if shutil.which(os.environ.get("CXX", "g++")) else "aot_eager"
 
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 

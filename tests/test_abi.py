@@ -1,6 +1,6 @@
 """The binaries keep their promises: LibTorch stable ABI only, the CPython
 limited API only, one exported symbol each, a single OpenMP runtime next to
-torch's, and the CUDA library loaded exactly when torch has CUDA."""
+torch's, and the CUDA library loaded exactly when torch has CUDA of its major."""
 
 import importlib.machinery
 import json
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mcmi_torch
+from mcmi_torch._cuda import library_cuda_major
 
 PACKAGE = pathlib.Path(mcmi_torch.__file__).parent
 
@@ -78,10 +79,16 @@ def test_exports_only_the_module_init(library):
     assert exported == {f"PyInit_{library}"}, sorted(exported)[:10]
 
 
-def test_the_cuda_kernels_load_exactly_when_torch_has_cuda():
-    """A CUDA build's library links torch's CUDA libraries: imported under a
-    CUDA torch, never under a CPU-only one, where the core alone serves."""
-    expected = torch.version.cuda is not None and built("_C_cuda") is not None
+def test_the_cuda_kernels_load_exactly_when_torch_has_cuda_of_their_major():
+    """A CUDA build's library links torch's CUDA libraries and a CUDA runtime:
+    imported under a torch of that CUDA major, never under a CPU-only one or
+    one of another CUDA major, where the core alone serves."""
+    library = built("_C_cuda")
+    expected = (
+        torch.version.cuda is not None
+        and library is not None
+        and library_cuda_major(str(library)) == torch.version.cuda.split(".")[0]
+    )
     assert ("mcmi_torch._C_cuda" in sys.modules) == expected
     assert mcmi_torch._cuda.CUDA_KERNELS == expected
 

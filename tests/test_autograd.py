@@ -3,7 +3,7 @@ and repeated backward through one graph."""
 
 import pytest
 import torch
-from conftest import make_criterion, needs_cuda, random_problem
+from conftest import COMPILE_BACKEND, make_criterion, needs_cuda, random_problem
 
 import mcmi_torch
 from mcmi_torch import reference
@@ -80,7 +80,7 @@ def test_compile_fullgraph_matches_eager(centroid_mode):
     def step(crit, m):
         return crit(m(x).float(), target)
 
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND)
     m2 = torch.nn.Linear(10, 10).double()
     m2.load_state_dict(model.state_dict())
     for _ in range(2):
@@ -114,6 +114,7 @@ def test_compile_functional_with_temperature():
     f = torch.compile(
         lambda z: mcmi_torch.mcmi(z, target, q, temperature=4.0, reduction="none"),
         fullgraph=True,
+        backend=COMPILE_BACKEND,
     )
     z = logits.requires_grad_(True)
     out = f(z)

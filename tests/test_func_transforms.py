@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import RTOL, SMALL_PROBLEMS, assert_close_rel, make_criterion, random_problem
+from conftest import (
+    COMPILE_BACKEND,
+    RTOL,
+    SMALL_PROBLEMS,
+    assert_close_rel,
+    make_criterion,
+    random_problem,
+)
 from hypothesis import given, settings
 
 import mcmi_torch
@@ -231,10 +238,12 @@ def test_forward_mode_under_torch_compile():
     want = tangent(logits)
     assert want.abs() > 1e-4
     torch.compiler.reset()
-    torch.testing.assert_close(torch.compile(tangent)(logits), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        torch.compile(tangent, backend=COMPILE_BACKEND)(logits), want, rtol=1e-12, atol=0
+    )
     torch.compiler.reset()
     try:
-        got = torch.compile(tangent, fullgraph=True)(logits)
+        got = torch.compile(tangent, fullgraph=True, backend=COMPILE_BACKEND)(logits)
     except torch._dynamo.exc.Unsupported:
         return
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

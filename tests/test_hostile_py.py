@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import SMALL_PROBLEMS, make_criterion, random_problem
+from conftest import COMPILE_BACKEND, SMALL_PROBLEMS, make_criterion, random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
@@ -403,7 +403,9 @@ def test_compile_dynamic_shapes_without_recompiles(mode):
         eager = compiled_crit = lambda z, y: mcmi_torch.mcmi(z, y, None, temperature=2.0)
     else:
         eager, compiled_crit = (make_criterion(mode, q, temperature=2.0) for _ in range(2))
-    compiled = torch.compile(lambda z, y: compiled_crit(z, y), fullgraph=True, dynamic=True)
+    compiled = torch.compile(
+        lambda z, y: compiled_crit(z, y), fullgraph=True, dynamic=True, backend=COMPILE_BACKEND
+    )
     for rows in (5, 9, 14):
         logits, target, _ = random_problem(rows, 6, seed=rows)
         a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)

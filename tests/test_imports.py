@@ -1,5 +1,6 @@
 """Import behaviour: lazily reachable submodules, optional dependencies named
-with their extra, and a clear error for a source tree without the extension."""
+with their extra, a clear error for a source tree without the extension, and
+for a Python or torch older than the extensions' floor."""
 
 import pathlib
 import shutil
@@ -68,3 +69,29 @@ def test_source_tree_without_the_extension_says_what_is_wrong(tmp_path):
     assert "without the compiled extension" in done.stderr
     assert "pip install --no-build-isolation -e ." in done.stderr
     assert "circular import" not in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("torch.__version__ = '2.9.1+cu128'", "needs torch >= 2.10 (the LibTorch stable ABI"),
+        ("torch.__version__ = '1.13.0'", "needs torch >= 2.10 (the LibTorch stable ABI"),
+        ("sys.version_info = (3, 9, 18, 'final', 0)", "needs Python >= 3.10"),
+    ],
+)
+def test_an_older_torch_or_python_names_the_requirement(tmp_path, setting, message):
+    """Before the extension loads (its own failure would be an undefined
+    symbol); the version is set in a fresh process."""
+    code = f"import sys, torch\n{setting}\nimport mcmi_torch\n"
+    done = run_python(code, tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: mcmi-torch") and message in last, done.stderr
+    assert "mcmi_torch._C" not in done.stderr
+
+
+@pytest.mark.parametrize("version", ["2.10.0", "2.10.0+cu128", "2.14.1", "3.0.0"])
+def test_torch_at_or_above_the_floor_imports(tmp_path, version):
+    code = f"import torch\ntorch.__version__ = {version!r}\nimport mcmi_torch\n"
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
