@@ -190,6 +190,15 @@ EMA_EXPORT_UNSUPPORTED = (
 )
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` traces the call: the flag that
+    ``torch.compiler.is_exporting()`` returns, read directly because torch
+    2.10's dynamo folds ``is_exporting()`` to True under ``torch.compile``
+    as well (later versions read the flag there too)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 class EmaCentroids(CentroidMode):
     """A running ``[K, K]`` buffer, a constant within the step, then updated
     with the batch centroids of the classes present."""
@@ -205,7 +214,7 @@ class EmaCentroids(CentroidMode):
         criterion.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
 
     def before_step(self, criterion, logits, target):
-        if torch.compiler.is_exporting():
+        if _exporting():
             raise RuntimeError(EMA_EXPORT_UNSUPPORTED)
         centroids = criterion.centroids
         _check_buffer_device(centroids, logits)

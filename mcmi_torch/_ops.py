@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch._functorch.autograd_function import enable_single_level_autograd_function
+from torch._functorch import utils as functorch_utils
 from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
 from . import _C, _cuda  # noqa: F401  (register the ops, the CPU and CUDA kernels)
@@ -477,6 +477,25 @@ def _per_problem(call, info, in_dims, args):
     return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)
 
 
+# What torch.func's own rules wrap around the autograd node they apply at one
+# level (a _SingleLevelFunction); without it (a future torch), applying one
+# under a transform raises rather than computing anything else.
+_single_level = getattr(
+    functorch_utils, "enable_single_level_autograd_function", contextlib.nullcontext
+)
+
+
+class _GraphLoss(torch.autograd.function._SingleLevelFunction):
+    """``_EagerLoss`` as an autograd node of a single level, the form torch.func
+    applies for a level it has unwrapped (a plain ``autograd.Function`` would
+    be handed to torch.func again: torch 2.14's ``apply`` does so in C++,
+    which refuses a Function without ``setup_context``)."""
+
+    forward = staticmethod(_EagerLoss.forward)
+    backward = staticmethod(_EagerLoss.backward)
+    jvp = staticmethod(_loss_jvp)
+
+
 def _loss_autograd(logits, target, centroids, *args):
     """The Autograd kernel of ``mcmi::loss``, the op as graphs call it
     (``torch.compile``, a module from ``torch.export``): the
@@ -489,9 +508,9 @@ def _loss_autograd(logits, target, centroids, *args):
     if needs_tangent(logits, functorch) or (torch.is_grad_enabled() and logits.requires_grad):
         # Here torch.func has already unwrapped the tensors of its level: an
         # autograd node on them is what that level differentiates, as for a
-        # C++ op (autograd.Function.apply would hand them to torch.func again).
-        with enable_single_level_autograd_function():
-            return super(torch.autograd.Function, _EagerLoss).apply(logits, target, centroids, args)
+        # C++ op.
+        with _single_level():
+            return _GraphLoss.apply(logits, target, centroids, args)
     with _below_autograd():
         return torch.ops.mcmi.loss.default(logits, target, centroids, *args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Union
@@ -53,12 +54,17 @@ def split_batch(batch) -> tuple[Any, Tensor]:
 
 def to_device(inputs: Any, device: torch.device) -> Any:
     """``inputs`` on ``device``: a tensor moved, the tensors in a dict, list
-    or tuple moved (nested too), anything else as it is."""
+    or tuple moved (nested too; a dict subclass such as ``defaultdict`` and a
+    named tuple keep their type), anything else as it is."""
     if isinstance(inputs, Tensor):
         return inputs.to(device)
     if isinstance(inputs, dict):
-        return type(inputs)((key, to_device(value, device)) for key, value in inputs.items())
-    if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
+        moved = copy.copy(inputs)
+        moved.update((key, to_device(value, device)) for key, value in inputs.items())
+        return moved
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):
+        return type(inputs)(*(to_device(value, device) for value in inputs))
+    if isinstance(inputs, (list, tuple)):
         return type(inputs)(to_device(value, device) for value in inputs)
     return inputs
 

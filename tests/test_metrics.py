@@ -1,12 +1,14 @@
 """teacher_report against the definitions, computed the slow way (all pairs, one
 sample and one bin at a time)."""
 
+import collections
 import math
 
 import pytest
 import torch
 
 from mcmi_torch import estimate_centroids, reference
+from mcmi_torch.centroids import to_device
 from mcmi_torch.metrics import teacher_report
 
 
@@ -233,3 +235,21 @@ def test_loaders_in_every_valid_form_and_errors_that_name_the_argument():
         teacher_report(model, [({"x": x}, y.unsqueeze(1))], 4, progress=False)
     with pytest.raises(ValueError, match=r"targets hold label 5 .* 4 logit columns"):
         teacher_report(model, [({"x": x}, torch.full((12,), 5))], 6, progress=False)
+
+
+def test_inputs_in_a_dict_subclass_or_a_named_tuple_are_moved_whole():
+    """A defaultdict of inputs (whose constructor takes a factory, not pairs)
+    and a named tuple (whose constructor takes fields, not an iterable) keep
+    their type and have every tensor moved to the model's device."""
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    batch = collections.defaultdict(list, x=x)
+    moved = to_device(batch, torch.device("meta"))
+    assert type(moved) is collections.defaultdict and moved.default_factory is list
+    assert moved["x"].is_meta and not batch["x"].is_meta
+    pair = collections.namedtuple("Pair", "x extra")(x, [x])
+    moved = to_device(pair, torch.device("meta"))
+    assert type(moved) is type(pair) and moved.x.is_meta and moved.extra[0].is_meta
+    model = _DictModel().eval()
+    want = estimate_centroids(model, [({"x": x}, y)], 4, progress=False)
+    got = estimate_centroids(model, [(collections.defaultdict(list, x=x), y)], 4, progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
