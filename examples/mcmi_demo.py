@@ -51,10 +51,10 @@ command, the versions and the time.
 Results are meant to be the same on any x86-64 machine: the Gaussian mixture is drawn in
 float64 by torch and rounded to float32 once, every seed trains on one thread, and the
 worker processes run ATen's AVX2 kernels and MKL's COMPATIBLE code path (PORTABLE_ENV)
-instead of those chosen for the CPU at hand, which round differently. What remains
-machine-dependent: the mcmi_torch kernels pick an AVX-512, AVX2 or baseline build by
-CPU; MNIST-1D comes from numpy and scipy; and another torch release may compute
-differently.
+instead of those chosen for the CPU at hand, which round differently; mcmi_torch's own
+kernels compute bitwise the same results in their AVX-512, AVX2 and baseline builds
+(MCMI_TORCH_CPU_ISA forces one). What remains machine-dependent: MNIST-1D comes from
+numpy and scipy, and another torch release may compute differently.
 
 Departures from the MCMI authors' recipe (ResNets on CIFAR-100 in RepDistiller), all but
 the validation split for a run of a few minutes on 2 CPU cores:
@@ -779,8 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="10 seeds, 240 student epochs, the early-stopped regime on the full grids",
     )  # fmt: skip
     add("--workers", type=int, default=2,
-        help="worker processes (seeds run in parallel); 0: all in this process, without the "
-        "fixed kernel choice")  # fmt: skip
+        help="worker processes (seeds run in parallel); 0: all in this process, without "
+        "PORTABLE_ENV's ATen and MKL code paths")  # fmt: skip
     add("--out", type=pathlib.Path, default=pathlib.Path("examples/output"),
         help="folder for the reports, CSVs, JSON, plots and results.md")  # fmt: skip
     add("--cache", type=pathlib.Path, default=tasks.cache_dir(),
