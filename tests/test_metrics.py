@@ -241,7 +241,7 @@ def test_inputs_in_a_dict_subclass_or_a_named_tuple_are_moved_whole():
     """A defaultdict of inputs (whose constructor takes a factory, not pairs)
     and a named tuple (whose constructor takes fields, not an iterable) keep
     their type and have every tensor moved to the model's device."""
-    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 1, 2])
     batch = collections.defaultdict(list, x=x)
     moved = to_device(batch, torch.device("meta"))
     assert type(moved) is collections.defaultdict and moved.default_factory is list
