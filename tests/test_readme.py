@@ -23,7 +23,6 @@ def test_first_python_block_is_the_quickstart_and_runs():
     assert done.returncode == 0, done.stderr
     cmi_before, cmi_after = map(float, re.search(r"cmi: (\S+) -> (\S+)", done.stdout).groups())
     assert cmi_after > cmi_before  # the fine-tune raised the teacher's CMI
-    assert done.stderr == ""
 
 
 def test_commands_are_the_ones_ci_runs():
