@@ -25,7 +25,8 @@ def check_requirements() -> None:
     would be an undefined symbol)."""
     if sys.version_info < PYTHON_FLOOR:
         raise ImportError(
-            f"mcmi-torch needs Python >= 3.10; this is Python {sys.version.split()[0]}"
+            f"mcmi-torch needs Python >= {PYTHON_FLOOR[0]}.{PYTHON_FLOOR[1]}; "
+            f"this is Python {sys.version.split()[0]}"
         )
     if torch.torch_version.TorchVersion(torch.__version__) < TORCH_FLOOR:
         raise ImportError(
